@@ -1,0 +1,354 @@
+"""The aggregate protocol: count completions, detect "all done", fire once.
+
+Jobs are counted in *batches*: the jobs one context (a caller's run, or
+one job's execution) enqueues between two `deferred_result` calls. A batch
+has a completion counter ``d:B`` (incremented by every completion attempt)
+and, once a `deferred_result` closes it, a record ``b:B`` with its size and
+the *waiters* on it. An aggregate waits on the batches its jobs are in.
+
+Both sides write first, then read: a completion increments ``d:B`` then
+reads ``b:B``; a registration writes ``b:B`` then reads ``d:B``. Whoever
+comes second sees the batch complete, so the last completion is never
+missed (no registration race), and when both see it the etcd marker
+decides (exactly-once). A redelivered job increments ``d:B`` again, so the
+counter may run ahead; before firing, the dependencies' records are read,
+and a missing one either means memcached lost state (its sentinel is gone
+or it evicted keys: a loss, reported) or a job not done yet (wait: its
+completion will check again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from packmule import runs
+from packmule.backends import Backends
+from packmule.envelope import dumps, loads
+from packmule.errors import EnqueueError, ResultMissing
+from packmule.jobref import JobRef
+from packmule.outcome import MISSING, Failure, Outcome
+from packmule.store import RunKeys
+
+ROOT_JOB = 0
+Waiter = list[Any]  # ["a", aggregate] or ["c", chained job, source job, chained job's batch]
+
+
+@dataclass
+class RunScope:
+    """One run, as one context sees it: ids, keys, clients and options."""
+
+    run: str
+    lease: int
+    identity: str
+    backends: Backends
+    count_progress: bool = True
+
+    @cached_property
+    def keys(self) -> RunKeys:
+        """This run's memcached keys."""
+        return RunKeys(self.backends.settings.namespace, self.run)
+
+    def ref(self, number: int, batch: str = "") -> JobRef:
+        """The JobRef of job ``number`` of this run."""
+        queue = self.backends.queue
+        return JobRef(number, queue.names[queue.server_for(number)], self.run, batch)
+
+
+class Batches:
+    """The batches of one context: the open one and the sizes of all."""
+
+    def __init__(self, scope: RunScope, origin: str) -> None:
+        self.scope = scope
+        self.origin = origin
+        self.current: str | None = None
+        self.sizes: dict[str, int] = {}
+        self._made = 0
+
+    def join(self, count: int) -> str:
+        """The open batch, opened if needed, grown by ``count`` jobs."""
+        if self.current is None:
+            import uuid  # a redelivered job re-executes: batch ids must not repeat
+
+            self._made += 1
+            self.current = f"{self.origin}.{uuid.uuid4().hex[:10]}"
+            self.scope.backends.store.add(self.scope.keys.batch_done(self.current), b"0")
+            self.sizes[self.current] = 0
+        self.sizes[self.current] += count
+        return self.current
+
+    def close(self, batch: str) -> int:
+        """Close ``batch`` (later jobs go to a new one); its size.
+
+        Raises:
+            EnqueueError: the batch is not this context's: an aggregate can
+                only wait on jobs enqueued in the same run method or job.
+        """
+        if batch not in self.sizes:
+            raise EnqueueError(
+                f"deferred_result: batch {batch!r} was not enqueued in this context; "
+                "wait only on jobs enqueued by the same run() or job"
+            )
+        if batch == self.current:
+            self.current = None
+        return self.sizes[batch]
+
+
+def allocate(scope: RunScope, count: int) -> int:
+    """Allocate ``count`` job numbers and count them in progress; the first one."""
+    store, keys = scope.backends.store, scope.keys
+    last = store.incr(keys.sequence, count)
+    if last is None:
+        raise ResultMissing(f"run {scope.run}: memcached lost the run's state (job sequence)")
+    store.incr_quietly(keys.total, count)
+    return last - count + 1
+
+
+def as_ranges(numbers: Iterable[int]) -> list[list[int]]:
+    """Compress job numbers into ``[first, last]`` runs, keeping their order."""
+    ranges: list[list[int]] = []
+    for n in numbers:
+        if ranges and ranges[-1][1] + 1 == n:
+            ranges[-1][1] = n
+        else:
+            ranges.append([n, n])
+    return ranges
+
+
+def from_ranges(ranges: list[list[int]]) -> list[int]:
+    """The job numbers :func:`as_ranges` compressed."""
+    return [n for first, last in ranges for n in range(first, last + 1)]
+
+
+def add_waiter(scope: RunScope, batch: str, size: int, waiter: Waiter) -> None:
+    """Record ``waiter`` on ``batch`` (closing it at ``size``), with add or cas."""
+    store, key = scope.backends.store, scope.keys.batch(batch)
+    while True:
+        if store.add(key, dumps({"k": size, "w": [waiter]})):
+            return
+        data, token = store.gets(key)
+        if data is None or token is None:
+            continue
+        record = loads(data)
+        record["w"].append(waiter)
+        if store.cas(key, dumps(record), token):
+            return
+
+
+def batches_state(scope: RunScope, batches: list[str]) -> str:
+    """``done``, ``pending`` or ``lost`` for these batches together."""
+    if not batches:
+        return "done"
+    keys = scope.keys
+    found = scope.backends.store.get_many(
+        [keys.batch(b) for b in batches] + [keys.batch_done(b) for b in batches]
+    )
+    if len(found) < 2 * len(batches):
+        return "lost"
+    done = all(int(found[keys.batch_done(b)]) >= loads(found[keys.batch(b)])["k"] for b in batches)
+    return "done" if done else "pending"
+
+
+def read_outcomes(scope: RunScope, numbers: list[int]) -> dict[int, Outcome | None]:
+    """The recorded outcome of each job (None: not finished, or lost)."""
+    keys = scope.keys
+    found = scope.backends.store.get_many(keys.job(n) for n in numbers)
+    return {n: (Outcome.decode(found[keys.job(n)]) if keys.job(n) in found else None)
+            for n in numbers}
+
+
+def report_loss(scope: RunScope, jobs: list[int], why: str) -> None:
+    """Tell every waiter of the run (through etcd) that memcached lost its state."""
+    coord = scope.backends.coord
+    coord.create_if_absent(coord.run_lost_key(scope.run),
+                           dumps({"jobs": jobs[:100], "why": why}), lease=scope.lease)
+
+
+def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome:
+    """Record how ``job`` ended and wake whoever waits on its batch. Idempotent.
+
+    The first outcome recorded wins, except that a failure is replaced by a
+    value (a buried job kicked after a fix). Returns the recorded outcome.
+    """
+    store, keys = scope.backends.store, scope.keys
+    data = outcome.encode()
+    effective, revived = outcome, None
+    if not store.add(keys.job(job), data):
+        while True:
+            old, token = store.gets(keys.job(job))
+            if old is None or token is None:
+                if store.add(keys.job(job), data):
+                    break
+                continue
+            prior = Outcome.decode(old)
+            if prior.ok or not outcome.ok:
+                effective = prior
+                break
+            if store.cas(keys.job(job), data, token):
+                revived = prior
+                break
+    if effective is outcome and job != ROOT_JOB and scope.count_progress:
+        _count(scope, outcome, revived)
+    _notify(scope, job, batch)
+    if job == ROOT_JOB:
+        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, effective)
+    return effective
+
+
+def _count(scope: RunScope, outcome: Outcome, revived: Outcome | None) -> None:
+    store, keys = scope.backends.store, scope.keys
+    if outcome.ok:
+        store.incr_quietly(keys.completed)
+        if revived is not None and revived.own:
+            store.decr_quietly(keys.failed)
+    elif outcome.own:
+        store.incr_quietly(keys.failed)
+
+
+def _notify(scope: RunScope, job: int, batch: str) -> None:
+    store, keys = scope.backends.store, scope.keys
+    done = store.incr(keys.batch_done(batch))
+    if done is None:
+        report_loss(scope, [job], f"the completion counter of batch {batch} is gone")
+        return
+    raw = store.get(keys.batch(batch))
+    if raw is not None:
+        record = loads(raw)
+        if done >= record["k"]:
+            for waiter in record["w"]:
+                trigger(scope, waiter)
+
+
+def trigger(scope: RunScope, waiter: Waiter) -> None:
+    """Act for a waiter whose batches look complete."""
+    if waiter[0] == "a":
+        try_fire(scope, waiter[1])
+        return
+    _, chained, source, chained_batch = waiter
+    outcome = read_outcomes(scope, [source])[source]
+    if outcome is None:
+        outcome = Outcome.missing([source], "the value of a chained job is gone")
+    elif not outcome.ok:
+        outcome = Outcome(False, job=outcome.job, traceback=outcome.traceback, own=False,
+                          lost=outcome.lost, lost_jobs=outcome.lost_jobs)
+    complete(scope, chained, chained_batch, outcome)
+
+
+def register_chain(scope: RunScope, batches: Batches, job: int, batch: str, ref: JobRef) -> None:
+    """Make ``job`` finish with ``ref``'s outcome (a job returned a deferred result)."""
+    waiter: Waiter = ["c", job, ref.number, batch]
+    add_waiter(scope, ref.batch, batches.close(ref.batch), waiter)
+    state = batches_state(scope, [ref.batch])
+    if state == "done":
+        trigger(scope, waiter)
+    elif state == "lost":
+        report_loss(scope, [ref.number], "the batch of a chained job is gone")
+
+
+def register_aggregate(
+    scope: RunScope, batches: Batches, deps: list[JobRef], *,
+    park: Callable[[int, str], tuple[int, int]] | None, allow_failures: bool, halt: bool,
+) -> JobRef:
+    """Register an aggregate over ``deps``; its JobRef.
+
+    ``park`` puts the aggregate's job on beanstalkd in the delayed state and
+    returns ``(server index, job id)``; without it the aggregate belongs to a
+    blocked caller, which the etcd marker wakes.
+    """
+    sizes = {ref.batch: batches.close(ref.batch) for ref in deps}
+    number = allocate(scope, 1)
+    own_batch = batches.join(1)
+    server, job_id = park(number, own_batch) if park else (-1, 0)
+    record = {"deps": as_ranges(ref.number for ref in deps), "batches": list(sizes),
+              "af": allow_failures, "halt": halt, "srv": server, "bid": job_id, "own": own_batch}
+    scope.backends.store.set(scope.keys.aggregate(number), dumps(record))
+    for batch, size in sizes.items():
+        add_waiter(scope, batch, size, ["a", number])
+    try_fire(scope, number)
+    return scope.ref(number, own_batch)
+
+
+def aggregate_record(scope: RunScope, number: int) -> dict[str, Any] | None:
+    """The description :func:`register_aggregate` stored, or None if lost."""
+    raw = scope.backends.store.get(scope.keys.aggregate(number))
+    return None if raw is None else dict(loads(raw))
+
+
+def try_fire(scope: RunScope, number: int) -> None:
+    """Fire aggregate ``number`` if all its dependencies finished. Idempotent."""
+    record = aggregate_record(scope, number)
+    if record is None:
+        report_loss(scope, [number], "the aggregate's description is gone")
+        return
+    if runs.is_cancelled(scope.backends, scope.run):
+        return
+    state = batches_state(scope, record["batches"])
+    if state == "pending":
+        return
+    if state == "lost":
+        report_loss(scope, [number], "the completion counters of its batches are gone")
+        return
+    verdict = judge(scope, record)
+    if verdict is None:
+        return
+    if verdict.ok:
+        _fire(scope, number, record)
+    elif record["srv"] < 0:
+        coord = scope.backends.coord
+        kind = "lost" if verdict.lost else "failed"
+        coord.create_if_absent(coord.marker_prefix(scope.run, number) + kind,
+                               verdict.encode(), lease=scope.lease)
+    else:
+        complete(scope, number, record["own"], verdict)
+
+
+def judge(scope: RunScope, record: dict[str, Any]) -> Outcome | None:
+    """Whether an aggregate whose batches are complete may fire.
+
+    Returns a value outcome (fire), a failure (fail it), or None (not yet:
+    a redelivery counted twice and a dependency is still running).
+    """
+    deps = from_ranges(record["deps"])
+    outcomes = read_outcomes(scope, deps)
+    missing = [n for n in deps if outcomes[n] is None]
+    if missing:
+        if not runs.state_lost(scope.backends, scope.run):
+            return None
+        if record["halt"]:
+            return Outcome.missing(missing, "memcached lost the values of jobs")
+    failures = [o for o in outcomes.values() if o is not None and not o.ok]
+    if failures and not record["af"]:
+        first = failures[0]
+        return Outcome(False, job=first.job, traceback=first.traceback, lost=first.lost,
+                       lost_jobs=first.lost_jobs)
+    return Outcome.done(None)
+
+
+def _fire(scope: RunScope, number: int, record: dict[str, Any]) -> None:
+    coord = scope.backends.coord
+    coord.create_if_absent(coord.marker_prefix(scope.run, number) + "fired", b"1",
+                           lease=scope.lease)
+    if record["srv"] >= 0:
+        # Idempotent: the parked job moves to ready once; later kicks find it gone.
+        scope.backends.queue.kick_job(record["srv"], record["bid"])
+
+
+def gather(scope: RunScope, record: dict[str, Any]) -> tuple[list[Any], list[int]]:
+    """The values an aggregate is called with, and the jobs whose values were lost."""
+    deps = from_ranges(record["deps"])
+    outcomes = read_outcomes(scope, deps)
+    values: list[Any] = []
+    lost: list[int] = []
+    for number in deps:
+        outcome = outcomes[number]
+        if outcome is None:
+            lost.append(number)
+            values.append(MISSING)
+        elif outcome.ok:
+            values.append(outcome.value)
+        else:
+            values.append(Failure(outcome.job, outcome.traceback))
+    return values, lost
+

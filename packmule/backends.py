@@ -1,0 +1,64 @@
+"""The connections to beanstalkd, memcached and etcd, made once per thread.
+
+Clients are not thread-safe and gRPC channels must not cross a fork, so
+connections are cached per (process, thread): a Runner built many times in
+a loop (``SleepyRunner("nightly").update_progress()``) reuses them, and a
+forked child or a keep-alive thread makes its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+
+from packmule.config import Settings, settings
+from packmule.coord import Coordinator
+from packmule.queue import Queue
+from packmule.store import Store
+
+
+@dataclass
+class Backends:
+    """Lazily opened clients for one thread, for one set of settings."""
+
+    settings: Settings
+
+    @cached_property
+    def queue(self) -> Queue:
+        """The beanstalkd pool (producer side)."""
+        return Queue(self.settings.beanstalkd, timeout_seconds=self.settings.socket_timeout_seconds)
+
+    @cached_property
+    def store(self) -> Store:
+        """The memcached pool."""
+        return Store(self.settings.memcached, timeout_seconds=self.settings.socket_timeout_seconds,
+                     ttl_seconds=self.settings.state_ttl_seconds)
+
+    @cached_property
+    def coord(self) -> Coordinator:
+        """The etcd client."""
+        return Coordinator(self.settings.etcd, namespace=self.settings.namespace,
+                           timeout_seconds=self.settings.socket_timeout_seconds)
+
+    def close(self) -> None:
+        """Close whatever was opened."""
+        for name in ("queue", "store", "coord"):
+            if name in self.__dict__:
+                self.__dict__.pop(name).close()
+
+
+_local = threading.local()
+
+
+def backends() -> Backends:
+    """This thread's connections for the settings in force."""
+    current = settings()
+    cached: Backends | None = getattr(_local, "backends", None)
+    if cached is None or cached.settings != current or getattr(_local, "pid", None) != os.getpid():
+        if cached is not None and getattr(_local, "pid", None) == os.getpid():
+            cached.close()
+        cached = Backends(current)
+        _local.backends, _local.pid = cached, os.getpid()
+    return cached

@@ -1,0 +1,143 @@
+"""The ``packmule`` command: workers, local servers, the demo, kick, progress."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from packmule.backends import backends
+from packmule.config import configure, settings
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def main(log_level: str) -> None:
+    """packmule: run long work as many small background jobs."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@click.option("--import", "imports", multiple=True, required=True, metavar="MODULE",
+              help="Module defining runners; the only modules jobs may name.")
+@click.option("--tube", "tubes", multiple=True, help="Tube to watch (repeatable).")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Worker processes.")
+@click.option("--burst", is_flag=True, help="Exit once the tubes are empty.")
+def worker(imports: tuple[str, ...], tubes: tuple[str, ...], concurrency: int,
+           burst: bool) -> None:
+    """Reserve and run jobs until stopped (SIGTERM/SIGINT: finish the current job)."""
+    sys.path.insert(0, os.getcwd())
+    if concurrency > 1:
+        sys.exit(_supervise(concurrency))
+    from packmule.worker import Worker
+
+    Worker(imports=list(imports), tubes=list(tubes), burst=burst).run()
+
+
+def _supervise(concurrency: int) -> int:
+    """Run ``concurrency`` single workers as child processes; forward stop signals."""
+    argv = [a for a in sys.argv[1:] if not a.startswith("--concurrency")]
+    if "--concurrency" in sys.argv:
+        position = argv.index(sys.argv[sys.argv.index("--concurrency") + 1])
+        del argv[position]
+    children = [subprocess.Popen([sys.executable, "-m", "packmule", *argv])
+                for _ in range(concurrency)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+@main.command()
+@click.option("--beanstalkd", default=1, show_default=True, help="beanstalkd servers.")
+@click.option("--memcached", default=1, show_default=True, help="memcached servers.")
+def servers(beanstalkd: int, memcached: int) -> None:
+    """Start local beanstalkd, memcached and etcd until Ctrl-C; print their variables."""
+    from packmule.servers import main_foreground
+
+    main_foreground(beanstalkd, memcached)
+
+
+@main.command()
+@click.option("--tube", default=None, help="Tube (default: the configured one).")
+@click.option("--limit", default=1000, show_default=True, help="At most this many jobs.")
+def kick(tube: str | None, limit: int) -> None:
+    """Kick buried jobs back to ready, one by one (never the delayed aggregates)."""
+    queue = backends().queue
+    for index, name in enumerate(queue.names):
+        kicked = queue.kick_buried(index, tube or settings().tube, limit)
+        click.echo(f"{name}: kicked {len(kicked)} buried job(s)")
+
+
+@main.command()
+@click.argument("runner")
+@click.argument("name", default="default")
+@click.option("--import", "module", required=True, help="Module defining RUNNER.")
+def progress(runner: str, name: str, module: str) -> None:
+    """Print the progress of the latest run of RUNNER (a class name) called NAME."""
+    sys.path.insert(0, os.getcwd())
+    cls = getattr(importlib.import_module(module), runner)
+    click.echo(str(cls(name).update_progress()))
+
+
+@main.command()
+@click.option("--naps", default=200, show_default=True, help="Snoozes to run.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes.")
+def demo(naps: int, workers: int) -> None:
+    """Start local servers and workers, run SleepyRunner with a progress bar, stop all."""
+    from packmule.servers import start_local_servers
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    with start_local_servers() as local:
+        os.environ.update(local.env())
+        configure(**{k.lower(): v for k, v in (
+            ("beanstalkd", local.env()["PACKMULE_BEANSTALKD"]),
+            ("memcached", local.env()["PACKMULE_MEMCACHED"]),
+            ("etcd", local.env()["PACKMULE_ETCD"]))})
+        env = {**os.environ, "PYTHONPATH": str(examples)}
+        procs = [subprocess.Popen([sys.executable, "-m", "packmule", "--log-level", "WARNING",
+                                   "worker", "--import", "sleepy_runner"], env=env)
+                 for _ in range(workers)]
+        try:
+            click.echo(f"servers: {local.env()}")
+            _run_demo(examples, naps)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(timeout=30)
+
+
+def _run_demo(examples: Path, naps: int) -> None:
+    sys.path.insert(0, str(examples))
+    from sleepy_runner import SleepyRunner  # type: ignore[import-not-found]
+
+    runner = SleepyRunner("demo")
+    started = time.monotonic()
+    runner.run_async(naps, 0.05)
+    with tqdm(total=naps + 1, unit="job") as bar:
+        while True:
+            progress = runner.update_progress()
+            bar.total = max(progress.total, 1)
+            bar.n = progress.completed
+            bar.refresh()
+            if progress.finished:
+                break
+            time.sleep(0.1)  # a display refresh rate, not a wait for completion
+    click.echo(f"slept {runner.get_return_value()} s in total over {naps} jobs, "
+               f"in {time.monotonic() - started:.2f} s of wall time")

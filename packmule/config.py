@@ -1,0 +1,162 @@
+"""Settings: every default packmule uses, where it comes from, and why.
+
+Settings come from ``packmule.configure(...)`` or, for what is not given
+there, from the ``PACKMULE_*`` environment variables. They are read once,
+lazily, so a worker or test can set the environment before the first use.
+The configured :class:`Settings` is the only module-level mutable state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from packmule.errors import ConfigurationError
+
+Address = tuple[str, int]
+
+_SCHEMES = {
+    "PACKMULE_BEANSTALKD": ({"beanstalk", "beanstalkd", "tcp"}, 11300),
+    "PACKMULE_MEMCACHED": ({"memcache", "memcached", "tcp"}, 11211),
+    "PACKMULE_ETCD": ({"etcd", "http"}, 2379),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the servers are and how packmule behaves.
+
+    Durations are seconds. Defaults are chosen for a job of a few seconds on
+    a local network; each is overridable per runner where it says so.
+    """
+
+    beanstalkd: tuple[Address, ...] = (("127.0.0.1", 11300),)
+    memcached: tuple[Address, ...] = (("127.0.0.1", 11211),)
+    etcd: tuple[Address, ...] = (("127.0.0.1", 2379),)
+    # Key prefix in memcached and etcd, so several applications can share servers.
+    namespace: str = "packmule"
+    # Default tube; a runner's `tube` attribute overrides it.
+    tube: str = "packmule"
+    # beanstalkd time-to-run. Short is fine: workers `touch` live jobs, so it
+    # bounds only how long a dead worker's job waits before it is handed out again.
+    ttr_seconds: float = 30.0
+    # A raising job is released this many times before it fails for good.
+    max_retries: int = 3
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 60.0
+    # memcached keeps a run's job records and counters this long (its limit is 30 days).
+    state_ttl_seconds: int = 7 * 24 * 3600
+    # etcd keeps a finished run's record (value or failure, counts) this long.
+    result_ttl_seconds: int = 7 * 24 * 3600
+    # Socket timeout for memcached and beanstalkd commands other than reserve.
+    socket_timeout_seconds: float = 10.0
+    # A waiting caller re-checks that the run's state still exists this often
+    # (doubling from the first value up to the second) between etcd wake-ups.
+    health_check_seconds: tuple[float, float] = (0.25, 2.0)
+    # Workers cache a run's "cancelled" flag this long, to keep it off the per-job path.
+    cancel_check_seconds: float = 0.5
+
+
+_settings: Settings | None = None
+
+
+def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
+    """Parse comma-separated server URLs such as ``beanstalk://10.0.0.5:11300``.
+
+    A bare ``host:port`` or ``host`` is accepted; the port defaults to the
+    server's usual one. Raises :class:`ConfigurationError` naming the variable
+    and the faulty part.
+    """
+    schemes, default_port = _SCHEMES[variable]
+    addresses = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        url = urlsplit(part if "://" in part else f"tcp://{part}")
+        if url.scheme not in schemes or not url.hostname:
+            raise ConfigurationError(
+                f"{variable}: cannot use {part!r}; expected {sorted(schemes)[0]}://HOST:PORT"
+            )
+        try:
+            port = url.port or default_port
+        except ValueError as err:
+            raise ConfigurationError(f"{variable}: bad port in {part!r}") from err
+        addresses.append((url.hostname, port))
+    if not addresses:
+        raise ConfigurationError(f"{variable}: no server address in {text!r}")
+    return tuple(addresses)
+
+
+def _from_environment() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for variable, name in (
+        ("PACKMULE_BEANSTALKD", "beanstalkd"),
+        ("PACKMULE_MEMCACHED", "memcached"),
+        ("PACKMULE_ETCD", "etcd"),
+    ):
+        if os.environ.get(variable):
+            found[name] = parse_urls(variable, os.environ[variable])
+    if os.environ.get("PACKMULE_NAMESPACE"):
+        found["namespace"] = os.environ["PACKMULE_NAMESPACE"]
+    return found
+
+
+def _check(settings: Settings) -> Settings:
+    if not settings.namespace or any(c in settings.namespace for c in " /:\r\n"):
+        raise ConfigurationError(f"namespace: {settings.namespace!r} must be non-empty, no ' /:'")
+    check_tube(settings.tube)
+    if settings.ttr_seconds < 2:
+        raise ConfigurationError(f"ttr_seconds: {settings.ttr_seconds} is below 2 s")
+    if settings.state_ttl_seconds > 30 * 24 * 3600:
+        raise ConfigurationError("state_ttl_seconds: memcached allows at most 30 days")
+    return settings
+
+
+def check_tube(tube: str) -> str:
+    """Return ``tube`` if beanstalkd accepts it as a tube name, else raise."""
+    if not tube or ":" in tube or len(tube.encode()) > 200 or tube.startswith("-"):
+        raise ConfigurationError(
+            f"tube: {tube!r} is not a beanstalkd tube name (1-200 bytes, no ':')"
+        )
+    return tube
+
+
+def configure(**changes: Any) -> Settings:
+    """Change settings for this process; returns the new settings.
+
+    Server lists may be given as URL strings (comma-separated) or address
+    tuples. Unknown names raise :class:`ConfigurationError`.
+    """
+    global _settings
+    known = {f.name for f in fields(Settings)}
+    for name, value in list(changes.items()):
+        if name not in known:
+            raise ConfigurationError(f"configure: unknown setting {name!r}")
+        if name in ("beanstalkd", "memcached", "etcd") and isinstance(value, str):
+            changes[name] = parse_urls(f"PACKMULE_{name.upper()}", value)
+    _settings = _check(replace(settings(), **changes))
+    return _settings
+
+
+def settings() -> Settings:
+    """The settings in force, read from the environment on first use."""
+    global _settings
+    if _settings is None:
+        _settings = _check(Settings(**_from_environment()))
+    return _settings
+
+
+def reset() -> None:
+    """Forget configured settings; the next use reads the environment again."""
+    global _settings
+    _settings = None
+
+
+def format_address(address: Address) -> str:
+    """``host:port``, the form used in every error message and JobRef."""
+    return f"{address[0]}:{address[1]}"
+
+
+__all__ = ["Address", "Settings", "configure", "format_address", "settings"]

@@ -1,0 +1,116 @@
+"""etcd: the once-only decisions, durable run records, and wake-ups.
+
+etcd is used once per aggregate (the "fired" marker) and a few times per
+run (its record), never once per job: an etcd write costs about a
+millisecond, a whole job about a tenth of that.
+
+A lock alone cannot give exactly-once firing, since its holder can die
+half-way; the marker is a create-if-absent transaction, so the decision
+survives any crash and every later attempt sees it. Markers and records are
+attached to the run's lease, so they expire with the run's record.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import etcd3
+import etcd3.watch
+
+from packmule.config import Address, format_address
+from packmule.errors import CoordinatorUnavailable
+
+
+if not hasattr(etcd3.watch, "six"):
+    # python3-etcd3 0.13 still calls six.itervalues() when a watch stream ends
+    # (server restart, client close) without importing six; the NameError kills
+    # its watch thread. Provide the one function it uses.
+    etcd3.watch.six = type("six", (), {"itervalues": staticmethod(lambda d: iter(d.values()))})
+
+
+class Coordinator:
+    """A client of the etcd cluster (fails over between its members)."""
+
+    def __init__(self, addresses: tuple[Address, ...], *, namespace: str,
+                 timeout_seconds: float) -> None:
+        self.names = ", ".join(format_address(a) for a in addresses)
+        self.prefix = f"/{namespace}"
+        endpoints = [etcd3.Endpoint(host, port, secure=False) for host, port in addresses]
+        self._client = etcd3.MultiEndpointEtcd3Client(
+            endpoints, timeout=timeout_seconds, failover=True
+        )
+
+    @contextmanager
+    def _naming(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (etcd3.exceptions.Etcd3Exception, OSError, ValueError) as err:
+            raise CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}") from err
+
+    # Keys -----------------------------------------------------------------
+    def run_key(self, run_identity: str) -> str:
+        """The durable record of the latest run of a (runner class, name)."""
+        return f"{self.prefix}/runs/{run_identity}"
+
+    def marker_prefix(self, run: str, aggregate: int) -> str:
+        """Prefix of one aggregate's markers: ``fired``, ``failed``, ``lost``."""
+        return f"{self.prefix}/r/{run}/a/{aggregate}/"
+
+    def run_lost_key(self, run: str) -> str:
+        """Written when memcached is found to have lost this run's state."""
+        return f"{self.prefix}/r/{run}/lost"
+
+    # Operations -----------------------------------------------------------
+    def create_if_absent(self, key: str, value: bytes, *, lease: int = 0) -> bool:
+        """Create ``key`` unless it exists; True if this call created it."""
+        with self._naming("create"):
+            return bool(self._client.put_if_not_exists(key, value, lease=lease or None))
+
+    def put(self, key: str, value: bytes, *, lease: int = 0) -> None:
+        """Write ``key``."""
+        with self._naming("put"):
+            self._client.put(key, value, lease=lease or None)
+
+    def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or None."""
+        with self._naming("get"):
+            value, _ = self._client.get(key)
+        return None if value is None else bytes(value)
+
+    def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        """Every key under ``prefix`` with its value."""
+        with self._naming("get"):
+            return {meta.key.decode(): bytes(value)
+                    for value, meta in self._client.get_prefix(prefix)}
+
+    def grant_lease(self, ttl_seconds: int) -> int:
+        """A new lease of ``ttl_seconds``; its id."""
+        with self._naming("lease"):
+            return int(self._client.lease(ttl_seconds).id)
+
+    def watch_prefixes(self, prefixes: list[str], wake: threading.Event) -> Callable[[], None]:
+        """Set ``wake`` on any change under ``prefixes``; returns the cancel function.
+
+        The caller re-reads state after each wake-up, so a change made before
+        the watch started is not missed as long as it reads after starting it.
+        """
+        def on_event(_response: Any) -> None:
+            wake.set()
+
+        with self._naming("watch"):
+            ids = [self._client.add_watch_prefix_callback(p, on_event) for p in prefixes]
+
+        def cancel() -> None:
+            for watch_id in ids:
+                try:
+                    self._client.cancel_watch(watch_id)
+                except Exception:  # noqa: BLE001 - cancel is best effort at shutdown
+                    pass
+        return cancel
+
+    def close(self) -> None:
+        """Close the gRPC channel."""
+        self._client.close()

@@ -1,0 +1,131 @@
+"""Executing one decoded job: import its runner, call its method, record the outcome.
+
+Separate from the worker loop so the loop stays short: this module knows
+runners and the aggregate protocol, the loop knows beanstalkd and signals.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from packmule import aggregate, runs
+from packmule.aggregate import Batches, RunScope
+from packmule.backends import backends
+from packmule.envelope import Envelope
+from packmule.errors import DecodeError, EncodeError
+from packmule.jobref import JobRef
+from packmule.outcome import Outcome
+from packmule.runner import Context, Runner
+
+log = logging.getLogger("packmule.worker")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the loop does with the job: ``delete``, ``bury``, ``retry`` or ``park``."""
+
+    action: str
+    reason: str = ""
+
+
+DELETE = Verdict("delete")
+
+
+def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
+    """The runner class an envelope names, imported only from ``allowed`` modules.
+
+    Raises:
+        DecodeError: the module is not allowed, or does not hold a Runner class there.
+    """
+    module_name, _, qualname = envelope.runner.partition(":")
+    if module_name not in allowed:
+        raise DecodeError(f"runner module {module_name!r} is not in this worker's --import list")
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    if not (isinstance(target, type) and issubclass(target, Runner)):
+        raise DecodeError(f"{envelope.runner} is not a packmule Runner class")
+    return target
+
+
+def prepare(envelope: Envelope, allowed: frozenset[str]) -> Runner:
+    """A runner instance set up to execute ``envelope`` in its run's context."""
+    cls = load_runner(envelope, allowed)
+    runner = cls(envelope.name, **envelope.options)
+    scope = RunScope(envelope.run, envelope.lease,
+                     runner.identity, backends(), runner.push_progress_updates)
+    runner._context = Context(scope, Batches(scope, str(envelope.job)), envelope.job,
+                              envelope.batch)
+    return runner
+
+
+def cancelled(runner: Runner) -> bool:
+    """Whether the job's run was cancelled."""
+    assert runner._context is not None
+    return runs.is_cancelled(runner._context.scope.backends, runner._context.scope.run)
+
+
+def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
+    """Call the job's method; its return value, or a Verdict for an aggregate not ready.
+
+    Exceptions from the user's method propagate to the caller (retry logic).
+    """
+    if not envelope.aggregate:
+        return getattr(runner, envelope.method)(*envelope.args, **envelope.kwargs)
+    scope = _scope(runner)
+    record = aggregate.aggregate_record(scope, envelope.job)
+    if record is None:
+        return Outcome.missing([envelope.job], "the aggregate's description is gone")
+    values, lost = aggregate.gather(scope, record)
+    failed = any(isinstance(v, aggregate.Failure) for v in values)
+    if (lost and not runs.state_lost(scope.backends, scope.run)) or (failed and not record["af"]):
+        return Verdict("park", "kicked before its dependencies finished")
+    if lost and record["halt"]:
+        return Outcome.missing(lost, "memcached lost the values of jobs")
+    if lost:
+        scope.backends.store.incr_quietly(scope.keys.lost, len(lost))
+    return getattr(runner, envelope.method)(values, *envelope.args)
+
+
+def record(runner: Runner, envelope: Envelope, result: Any) -> None:
+    """Record a job's result: chain a returned JobRef, store a value or an outcome."""
+    scope = _scope(runner)
+    if isinstance(result, JobRef):
+        assert runner._context is not None
+        aggregate.register_chain(scope, runner._context.batches, envelope.job, envelope.batch,
+                                 result)
+        return
+    outcome = result if isinstance(result, Outcome) else Outcome.done(
+        result if runner.record_return_values else None)
+    try:
+        aggregate.complete(scope, envelope.job, envelope.batch, outcome)
+    except EncodeError as err:
+        fail(runner, envelope, f"{envelope.method}() returned a value JSON cannot carry: {err}")
+
+
+def fail(runner: Runner, envelope: Envelope, text: str) -> None:
+    """Record the job as failed for good with ``text`` (a traceback)."""
+    aggregate.complete(_scope(runner), envelope.job, envelope.batch,
+                       Outcome.failed(envelope.job, text, own=True))
+
+
+def handle(runner: Runner, envelope: Envelope, err: BaseException) -> bool:
+    """Give the runner's ``handle_error`` a chance; True if it supplied a value."""
+    try:
+        value = runner.handle_error(err, envelope.method, list(envelope.args))
+    except BaseException:  # noqa: BLE001 - the hook declined: the job fails
+        fail(runner, envelope, "".join(traceback.format_exception(err)))
+        return False
+    scope = _scope(runner)
+    scope.backends.store.incr_quietly(scope.keys.handled)
+    record(runner, envelope, value)
+    return True
+
+
+def _scope(runner: Runner) -> RunScope:
+    assert runner._context is not None
+    return runner._context.scope

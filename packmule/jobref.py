@@ -1,0 +1,43 @@
+"""`JobRef`: the handle `enqueue` and `deferred_result` return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job of a run: its packmule number and the beanstalkd server it went to.
+
+    The number is packmule's own (beanstalkd ids restart at 1 when a server
+    restarts without a binlog, and are unique only per server), allocated per
+    run from 1; the run's own root job is number 0. It survives retries and
+    server restarts.
+
+    Attributes:
+        number: the job's number within its run.
+        server: ``host:port`` of the beanstalkd server holding it ("" for an
+            aggregate that runs in the caller's process).
+        run: the id of the run the job belongs to.
+        batch: the enqueue batch the job was counted in (see aggregate.py).
+    """
+
+    number: int
+    server: str
+    run: str = field(default="", repr=False, compare=True)
+    batch: str = field(default="", repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"JobRef({self.number}, {self.server!r})"
+
+    def to_json(self) -> list[object]:
+        """A JSON-encodable form, for return values and records."""
+        return ["JobRef", self.number, self.server, self.run, self.batch]
+
+    @classmethod
+    def from_json(cls, value: object) -> JobRef | None:
+        """The JobRef encoded by :meth:`to_json`, or None if ``value`` is not one."""
+        if isinstance(value, list) and len(value) == 5 and value[0] == "JobRef":
+            _, number, server, run, batch = value
+            return cls(int(number), str(server), str(run), str(batch))
+        return None

@@ -1,0 +1,99 @@
+"""A job's outcome as recorded in memcached, and the markers aggregates receive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from packmule.envelope import dumps, loads
+
+
+class _Missing:
+    """The type of :data:`MISSING`."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "packmule.MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Any = _Missing()
+"""Passed to an aggregate in place of a value memcached lost, when the
+runner's ``halt_on_data_loss`` is False. Falsy, and never equal to a value."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Passed to an ``allow_failures`` aggregate in place of a failed job's value.
+
+    Attributes:
+        job: the number of the job that failed.
+        traceback: the text of its last traceback.
+    """
+
+    job: int
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: with a value, or failed.
+
+    Attributes:
+        ok: True for a value.
+        value: the value (JSON) when ok.
+        job: for a failure, the job that failed first (itself, or a dependency).
+        traceback: for a failure, the text of the traceback or of the loss.
+        own: for a failure, True when this job itself raised (counted failed);
+            False when the failure came from a dependency.
+        lost: True when the failure is memcached having lost state.
+        lost_jobs: for a loss, numbers of the jobs whose state was lost.
+    """
+
+    ok: bool
+    value: Any = None
+    job: int = 0
+    traceback: str = ""
+    own: bool = False
+    lost: bool = False
+    lost_jobs: tuple[int, ...] = ()
+
+    @classmethod
+    def done(cls, value: Any) -> Outcome:
+        """A value."""
+        return cls(True, value)
+
+    @classmethod
+    def failed(cls, job: int, traceback: str, *, own: bool) -> Outcome:
+        """A failure of ``job`` (``own``: this very job raised)."""
+        return cls(False, job=job, traceback=traceback, own=own)
+
+    @classmethod
+    def missing(cls, jobs: list[int], why: str) -> Outcome:
+        """A loss of state in memcached, naming the jobs concerned."""
+        return cls(False, traceback=why, lost=True, lost_jobs=tuple(jobs[:100]))
+
+    def encode(self, *, what: str = "return value") -> bytes:
+        """Record form; raises EncodeError naming ``what`` if the value is not JSON."""
+        if self.ok:
+            return dumps({"v": self.value}, what=what)
+        return dumps({"f": self.job, "tb": self.traceback, "own": self.own,
+                      "lost": list(self.lost_jobs) if self.lost else None})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Outcome:
+        """The outcome a record holds."""
+        record = loads(data)
+        if "v" in record:
+            return cls.done(record["v"])
+        lost = record.get("lost")
+        return cls(False, job=record["f"], traceback=record["tb"], own=record["own"],
+                   lost=lost is not None, lost_jobs=tuple(lost or ()))

@@ -1,0 +1,52 @@
+"""`Progress`: completed, failed and total jobs of a run, read in O(1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packmule.backends import Backends
+from packmule.runs import counts, read
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A run's progress. ``str()`` reads like ``53 / 101``.
+
+    Attributes:
+        completed: jobs finished with a value (aggregates included).
+        total: jobs counted so far; grows while jobs enqueue more jobs.
+        failed: jobs that failed for good (buried).
+        handled: jobs whose error ``handle_error`` turned into a value.
+        lost: values memcached lost, passed on as ``packmule.MISSING``.
+        state: ``unknown``, ``running``, ``done``, ``failed``, ``lost`` or
+            ``cancelled``; ``lost`` too while running if the counters are gone.
+    """
+
+    completed: int = 0
+    total: int = 0
+    failed: int = 0
+    handled: int = 0
+    lost: int = 0
+    state: str = "unknown"
+
+    def __str__(self) -> str:
+        text = f"{self.completed} / {self.total}"
+        return f"{text} ({self.failed} failed)" if self.failed else text
+
+    @property
+    def finished(self) -> bool:
+        """True once the run ended, however it ended."""
+        return self.state not in ("unknown", "running")
+
+
+def read_progress(backends: Backends, identity: str) -> Progress:
+    """The latest run's progress: one etcd read and one memcached read per server."""
+    record = read(backends, identity)
+    if record is None:
+        return Progress()
+    found = record.counts if record.state != "running" and record.counts else None
+    found = found or counts(backends, record.run)
+    if found is None:
+        return Progress(state="lost" if record.state == "running" else record.state)
+    return Progress(found.get("completed", 0), found.get("total", 0), found.get("failed", 0),
+                    found.get("handled", 0), found.get("lost", 0), record.state)

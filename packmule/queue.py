@@ -1,0 +1,172 @@
+"""beanstalkd, as a pool of servers, over greenstalk.
+
+Every error names the server's address. Jobs are spread over the pool by
+their packmule number; a JobRef records the server so the job (an aggregate
+waiting in the delayed state, a buried job) can be found again.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import greenstalk
+
+from packmule.config import Address, format_address
+from packmule.errors import JobTooBig, QueueUnavailable
+
+# beanstalkd's largest delay is 2**32 - 1 seconds; an aggregate waits as a
+# delayed job for about 68 years, and firing it is an idempotent kick-job.
+PARK_SECONDS = 2**31
+_CLIENT_ERRORS = (OSError, greenstalk.Error, greenstalk.UnknownResponseError)
+
+
+@contextmanager
+def naming(address: str, action: str) -> Iterator[None]:
+    """Turn socket and protocol errors into QueueUnavailable naming ``address``."""
+    try:
+        yield
+    except greenstalk.JobTooBigError:
+        raise
+    except _CLIENT_ERRORS as err:
+        raise QueueUnavailable(address, f"beanstalkd {action} failed: {err!r}") from err
+
+
+def connect(address: Address, timeout_seconds: float) -> greenstalk.Client:
+    """A greenstalk client with a socket timeout, so a dead server cannot hang us."""
+    with naming(format_address(address), "connect"):
+        sock = socket.create_connection(address, timeout=timeout_seconds)
+        return greenstalk.Client(sock, encoding=None)
+
+
+class Queue:
+    """Producer side of the pool: put, kick, inspect. Not thread-safe."""
+
+    def __init__(self, addresses: tuple[Address, ...], *, timeout_seconds: float) -> None:
+        self.addresses = addresses
+        self.names = [format_address(a) for a in addresses]
+        self._timeout = timeout_seconds
+        self._clients: dict[int, greenstalk.Client] = {}
+        self._using: dict[int, str] = {}
+        self._max_size: dict[int, int] = {}
+
+    def server_for(self, number: int) -> int:
+        """The pool index that job ``number`` goes to."""
+        return number % len(self.addresses)
+
+    def index_of(self, name: str) -> int:
+        """Pool index of the server called ``host:port``."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise QueueUnavailable(name, "not in the configured beanstalkd pool") from None
+
+    def _client(self, index: int) -> greenstalk.Client:
+        if index not in self._clients:
+            self._clients[index] = connect(self.addresses[index], self._timeout)
+            self._using[index] = "default"
+        return self._clients[index]
+
+    @contextmanager
+    def _session(self, index: int, action: str) -> Iterator[greenstalk.Client]:
+        """A client for server ``index``; a broken one is dropped so the next use reconnects."""
+        try:
+            with naming(self.names[index], action):
+                yield self._client(index)
+        except QueueUnavailable:
+            self._drop(index)
+            raise
+
+    def _drop(self, index: int) -> None:
+        client = self._clients.pop(index, None)
+        self._using.pop(index, None)
+        if client is not None:
+            try:
+                client.close()
+            except OSError:
+                pass
+
+    def max_job_size(self, index: int) -> int:
+        """The server's ``max-job-size`` (its ``-z``), asked once per server."""
+        if index not in self._max_size:
+            with self._session(index, "stats") as client:
+                self._max_size[index] = int(client.stats()["max-job-size"])
+        return self._max_size[index]
+
+    def put(
+        self, index: int, tube: str, body: bytes, *, priority: int, delay: float, ttr: float
+    ) -> int:
+        """Put ``body`` on server ``index``; returns beanstalkd's job id.
+
+        Raises:
+            JobTooBig: naming the size and the server's limit; nothing was put.
+            QueueUnavailable: the server is unreachable.
+        """
+        limit = self.max_job_size(index)
+        if len(body) > limit:
+            raise JobTooBig(
+                f"job of {len(body)} bytes exceeds max-job-size {limit} of {self.names[index]}"
+            )
+        with self._session(index, "put") as client:
+            if self._using.get(index) != tube:
+                client.use(tube)
+                self._using[index] = tube
+            try:
+                return int(client.put(body, priority=priority, delay=int(delay), ttr=int(ttr)))
+            except greenstalk.JobTooBigError as err:
+                raise JobTooBig(f"job of {len(body)} bytes refused by {self.names[index]}") from err
+
+    def kick_job(self, index: int, job_id: int) -> bool:
+        """Move a delayed or buried job to ready; False if it is in neither state.
+
+        Idempotent: kicking a job already ready, reserved or deleted is a no-op.
+        """
+        with self._session(index, "kick-job") as client:
+            try:
+                client.kick_job(job_id)
+                return True
+            except greenstalk.NotFoundError:
+                return False
+
+    def kick_buried(self, index: int, tube: str, limit: int) -> list[int]:
+        """Kick up to ``limit`` buried jobs of ``tube`` one by one; returns their ids.
+
+        Never the bound ``kick`` command: with nothing buried it kicks
+        *delayed* jobs, which would start parked aggregates and retries early.
+        """
+        kicked: list[int] = []
+        with self._session(index, "kick") as client:
+            client.use(tube)
+            self._using[index] = tube
+            while len(kicked) < limit:
+                try:
+                    job = client.peek_buried()
+                except greenstalk.NotFoundError:
+                    break
+                client.kick_job(job)
+                kicked.append(job.id)
+        return kicked
+
+    def delete(self, index: int, job_id: int) -> bool:
+        """Delete job ``job_id`` wherever it is; False if it is gone already."""
+        with self._session(index, "delete") as client:
+            try:
+                client.delete(job_id)
+                return True
+            except greenstalk.NotFoundError:
+                return False
+
+    def tube_stats(self, index: int, tube: str) -> dict[str, int]:
+        """``stats-tube`` of ``tube`` on server ``index`` (zeros for an unused tube)."""
+        with self._session(index, "stats-tube") as client:
+            try:
+                stats = client.stats_tube(tube)
+            except greenstalk.NotFoundError:
+                return {}
+        return {k: int(v) for k, v in stats.items() if isinstance(v, int | str) and str(v).isdigit()}
+
+    def close(self) -> None:
+        """Close every connection."""
+        for index in list(self._clients):
+            self._drop(index)

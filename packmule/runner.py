@@ -1,0 +1,420 @@
+"""`Runner`: what users subclass to fan work out and bring it back.
+
+A run is identified by (runner class, name). In the caller's process,
+``run()`` executes the user's ``run`` method there and a `deferred_result`
+blocks until its aggregate fires, then calls the aggregate method in the
+caller. Inside a worker, `deferred_result` returns a JobRef at once: the
+aggregate becomes a job, parked in beanstalkd until etcd decides it fires.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from packmule import aggregate, runs
+from packmule.aggregate import ROOT_JOB, Batches, RunScope
+from packmule.backends import Backends, backends
+from packmule.config import check_tube
+from packmule.envelope import Envelope, check_args, dumps, encode
+from packmule.errors import (
+    ConfigurationError,
+    EncodeError,
+    EnqueueError,
+    JobTooBig,
+    ResultMissing,
+    ResultPending,
+    RunCancelled,
+    RunFailed,
+    UnknownMethod,
+    UnknownRun,
+)
+from packmule.jobref import JobRef
+from packmule.outcome import Outcome
+from packmule.progress import Progress, read_progress
+from packmule.queue import PARK_SECONDS
+from packmule.retry import doubling
+from packmule.runs import RunRecord
+
+_OPTIONS = ("record_return_values", "push_progress_updates", "time_to_run", "priority", "tube",
+            "max_retries", "halt_on_data_loss")
+
+
+@dataclass
+class Context:
+    """Where enqueues happen: a caller's run (``job`` None) or one job's execution."""
+
+    scope: RunScope
+    batches: Batches
+    job: int | None = None
+    batch: str = ""
+
+
+class Runner:
+    """Subclass me; define ``run`` and the job methods it enqueues.
+
+    Class attributes (each may also be given to the constructor):
+        record_return_values: store job values for aggregates (False: they get None).
+        push_progress_updates: count completed and failed jobs for progress.
+        time_to_run: beanstalkd time-to-run in seconds (default: settings).
+        priority: beanstalkd priority (lower runs first).
+        tube: beanstalkd tube (default: settings).
+        max_retries: retries of a raising job before it fails (default: settings).
+        halt_on_data_loss: raise ResultMissing when memcached lost a value;
+            False passes ``packmule.MISSING`` in its place and counts it.
+    """
+
+    record_return_values: ClassVar[bool] = True
+    push_progress_updates: ClassVar[bool] = True
+    time_to_run: ClassVar[float | None] = None
+    priority: ClassVar[int] = 65536
+    tube: ClassVar[str | None] = None
+    max_retries: ClassVar[int | None] = None
+    halt_on_data_loss: ClassVar[bool] = True
+
+    _API: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str = "default", **options: Any) -> None:
+        if not isinstance(name, str) or not name or len(name) > 200 or "\n" in name:
+            raise ConfigurationError(f"runner name {name!r}: a non-empty line of at most 200 chars")
+        for key, value in options.items():
+            if key not in _OPTIONS:
+                raise ConfigurationError(f"{type(self).__name__}: unknown option {key!r}")
+            setattr(self, key, value)
+        dumps(options, what=f"options of {type(self).__name__}")
+        check_tube(self.tube_name)
+        self.name = name
+        self.options = options
+        self._context: Context | None = None
+        self._progress: Progress | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = _as_run(cls.__dict__["run"])  # type: ignore[method-assign]
+
+    # Identity ---------------------------------------------------------------
+    @classmethod
+    def class_path(cls) -> str:
+        """``module:QualName``, how a worker finds the class."""
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    @property
+    def identity(self) -> str:
+        """The run's key: runner class and name."""
+        return f"{type(self).__module__}.{type(self).__qualname__}/{self.name}"
+
+    @property
+    def tube_name(self) -> str:
+        """The tube this runner's jobs go to."""
+        return self.tube or self._backends.settings.tube
+
+    @property
+    def _backends(self) -> Backends:
+        return backends()
+
+    # Fan out ---------------------------------------------------------------
+    def enqueue(self, method: str, *args: Any) -> JobRef:
+        """Run ``self.method(*args)`` as a job; its JobRef.
+
+        Raises:
+            UnknownMethod, EncodeError, JobTooBig: nothing was enqueued.
+            QueueUnavailable, StoreUnavailable: naming the server.
+        """
+        return self._enqueue_many(method, [args])[0]
+
+    def enqueue_each(self, method: str, items: Iterable[Any], *args: Any) -> list[JobRef]:
+        """One job ``self.method(item, *args)`` per item, counted as one batch.
+
+        Every job is encoded and checked before the first is put, and the whole
+        batch is counted before the first can finish, so progress never goes back.
+        """
+        return self._enqueue_many(method, [(item, *args) for item in items])
+
+    def _enqueue_many(self, method: str, arg_lists: list[tuple[Any, ...]]) -> list[JobRef]:
+        self._check_method(method)
+        for arg_list in arg_lists:
+            check_args(method, arg_list)
+        context = self._current_context()
+        if not arg_lists:
+            return []
+        first = aggregate.allocate(context.scope, len(arg_lists))
+        batch = context.batches.join(len(arg_lists))
+        bodies = [self._body(context, first + i, batch, method, list(a))
+                  for i, a in enumerate(arg_lists)]
+        queue = context.scope.backends.queue
+        refs = []
+        try:
+            for offset, body in enumerate(bodies):
+                index = self._put(queue, first + offset, body, delay=0)[0]
+                refs.append(JobRef(first + offset, queue.names[index], context.scope.run, batch))
+        finally:
+            unput = len(bodies) - len(refs)
+            if unput:  # a server failed: uncount what was never put
+                context.batches.sizes[batch] -= unput
+                context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
+        return refs
+
+    def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
+              **extra: Any) -> bytes:
+        envelope = Envelope(type(self).class_path(), self.name, context.scope.run, number, batch,
+                            method, args, self.options, lease=context.scope.lease, **extra)
+        body = encode(envelope)
+        queue = context.scope.backends.queue
+        index = queue.server_for(number)
+        limit = queue.max_job_size(index)
+        if len(body) > limit:
+            raise JobTooBig(f"job {method}() of {len(body)} bytes exceeds max-job-size {limit} "
+                            f"of {queue.names[index]}")
+        return body
+
+    def _put(self, queue: Any, number: int, body: bytes, *, delay: float) -> tuple[int, int]:
+        index = queue.server_for(number)
+        ttr = self.time_to_run or self._backends.settings.ttr_seconds
+        return index, queue.put(index, self.tube_name, body, priority=self.priority,
+                                delay=delay, ttr=ttr)
+
+    # Bring back ----------------------------------------------------------------
+    def deferred_result(self, method: str, jobs: Iterable[JobRef], *args: Any,
+                        allow_failures: bool = False) -> Any:
+        """Call ``self.method(values, *args)`` once all ``jobs`` finished.
+
+        ``values`` are the jobs' return values in the order of ``jobs``. In the
+        caller's process this blocks and returns the aggregate's value; in a
+        worker it returns the aggregate's JobRef at once (return it from the
+        job to make the job's value the aggregate's). With ``allow_failures``
+        the aggregate also fires when jobs failed, receiving
+        ``packmule.Failure`` in their slots; otherwise a failure fails it.
+        """
+        self._check_method(method)
+        check_args(method, args)
+        context = self._current_context()
+        deps = self._check_refs(context, jobs)
+        if context.job is None:
+            ref = aggregate.register_aggregate(
+                context.scope, context.batches, deps, park=None,
+                allow_failures=allow_failures, halt=self.halt_on_data_loss)
+            return self._await(context, ref, lambda values: getattr(self, method)(values, *args))
+
+        def park(number: int, batch: str) -> tuple[int, int]:
+            body = self._body(context, number, batch, method, list(args), aggregate=True)
+            return self._put(context.scope.backends.queue, number, body, delay=PARK_SECONDS)
+
+        return aggregate.register_aggregate(
+            context.scope, context.batches, deps, park=park,
+            allow_failures=allow_failures, halt=self.halt_on_data_loss)
+
+    def _check_refs(self, context: Context, jobs: Iterable[JobRef]) -> list[JobRef]:
+        deps = list(jobs)
+        for index, ref in enumerate(deps):
+            if not isinstance(ref, JobRef) or ref.run != context.scope.run:
+                raise EnqueueError(f"deferred_result: jobs[{index}] = {ref!r} is not a JobRef "
+                                   f"of this run ({context.scope.run})")
+        return deps
+
+    def wait(self, ref: JobRef) -> Any:
+        """Block (in the caller) until job ``ref`` finished; its value."""
+        context = self._current_context()
+        deps = self._check_refs(context, [ref])
+        agg = aggregate.register_aggregate(context.scope, context.batches, deps, park=None,
+                                           allow_failures=False, halt=self.halt_on_data_loss)
+        return self._await(context, agg, lambda values: values[0])
+
+    def _await(self, context: Context, ref: JobRef, call: Callable[[list[Any]], Any]) -> Any:
+        scope = context.scope
+        _wait_for_marker(self, scope, ref.number)
+        record = aggregate.aggregate_record(scope, ref.number)
+        if record is None:
+            raise ResultMissing(f"run {scope.run}: the aggregate's description was lost", [ref])
+        values, lost = aggregate.gather(scope, record)
+        if lost and self.halt_on_data_loss:
+            raise ResultMissing("memcached lost the values of jobs",
+                                [scope.ref(n) for n in lost])
+        if lost:
+            scope.backends.store.incr_quietly(scope.keys.lost, len(lost))
+        value = call(values)
+        if isinstance(value, JobRef):
+            value = self.wait(value)
+        aggregate.complete(scope, ref.number, record["own"], Outcome.done(None))
+        return value
+
+    # Whole runs ------------------------------------------------------------------
+    def run_async(self, *args: Any, **kwargs: Any) -> JobRef:
+        """Start ``run(*args, **kwargs)`` on a worker and return its JobRef at once."""
+        self._check_method("run")
+        check_args("run", args)
+        dumps(kwargs, what="keyword arguments of run()")
+        scope = self._begin()
+        context = Context(scope, Batches(scope, "root"))
+        scope.backends.store.add(scope.keys.batch_done("root"), b"0")
+        body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
+        index = self._put(scope.backends.queue, ROOT_JOB, body, delay=0)[0]
+        return JobRef(ROOT_JOB, scope.backends.queue.names[index], scope.run, "root")
+
+    def _begin(self) -> RunScope:
+        record = runs.start(self._backends, self.identity)
+        return RunScope(record.run, record.lease, self.identity, self._backends,
+                        self.push_progress_updates)
+
+    def _current_context(self) -> Context:
+        if self._context is None:  # enqueue outside run(): the call starts a run
+            scope = self._begin()
+            self._context = Context(scope, Batches(scope, "caller"))
+        return self._context
+
+    def _check_method(self, method: str) -> None:
+        target = getattr(type(self), method, None) if isinstance(method, str) else None
+        if (not isinstance(method, str) or method.startswith("_") or not callable(target)
+                or (method in _BASE_API and method != "run")):
+            raise UnknownMethod(f"{type(self).__name__} has no public job method {method!r}")
+
+    # Reading ---------------------------------------------------------------------
+    def update_progress(self) -> Progress:
+        """Read the latest run's progress (constant cost whatever its size)."""
+        self._progress = read_progress(self._backends, self.identity)
+        return self._progress
+
+    def current_progress(self) -> Progress:
+        """The progress last read by `update_progress`, reading it if never read."""
+        return self._progress or self.update_progress()
+
+    @classmethod
+    def find(cls, name: str = "default") -> RunRecord | None:
+        """The record of the latest run of ``name``; None if no run is known."""
+        return runs.read(backends(), cls(name).identity)
+
+    def get_return_value(self) -> Any:
+        """The value of the latest run.
+
+        Raises:
+            UnknownRun: no run is known. ResultPending: still running.
+            RunFailed, ResultMissing, RunCancelled: how it ended.
+        """
+        record = runs.read(self._backends, self.identity)
+        if record is None:
+            raise UnknownRun(f"no run of {self.identity} is known")
+        if record.state == "running":
+            report = runs.lost_report(self._backends, record.run)
+            if report:
+                raise ResultMissing(report["why"], [_ref(self, record, n) for n in report["jobs"]])
+            raise ResultPending(f"run {record.run} of {self.identity} is still running")
+        if record.state == "failed":
+            raise RunFailed(_ref(self, record, record.job or 0), record.traceback)
+        if record.state == "lost":
+            raise ResultMissing(record.traceback, [_ref(self, record, n) for n in record.lost_jobs])
+        if record.state == "cancelled":
+            raise RunCancelled(f"run {record.run} of {self.identity} was cancelled")
+        return record.value
+
+    def cancel(self) -> None:
+        """Cancel the latest run: its jobs are dropped and its aggregates never fire."""
+        record = runs.read(self._backends, self.identity)
+        if record is None:
+            raise UnknownRun(f"no run of {self.identity} is known")
+        runs.cancel(self._backends, self.identity, record)
+
+    def handle_error(self, exc: BaseException, method: str, args: list[Any]) -> Any:
+        """Override to supply a value for a job that kept failing.
+
+        Return a value to use it as the job's value (counted as handled);
+        re-raise (the default) to let the job fail and be buried.
+        """
+        raise exc
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Override: the whole work. Called in the caller by ``run()``."""
+        raise NotImplementedError(f"{type(self).__name__} must define run()")
+
+
+_BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
+
+
+def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:
+    queue = runner._backends.queue
+    return JobRef(number, queue.names[queue.server_for(number)], record.run)
+
+
+def _wait_for_marker(runner: Runner, scope: RunScope, number: int) -> None:
+    """Block until aggregate ``number`` fires; raise if it failed or state was lost.
+
+    Woken by an etcd watch; between wake-ups, the run's memcached state is
+    checked with a doubling pause so a lost state is reported within seconds.
+    """
+    coord = scope.backends.coord
+    prefix = coord.marker_prefix(scope.run, number)
+    wake = threading.Event()
+    stop_watch = coord.watch_prefixes([prefix, coord.run_lost_key(scope.run)], wake)
+    pauses = doubling(*scope.backends.settings.health_check_seconds)
+    try:
+        for step in range(1_000_000_000):
+            markers = coord.get_prefix(prefix)
+            if prefix + "fired" in markers:
+                return
+            _raise_for_markers(runner, scope, markers, prefix)
+            if runs.is_cancelled(scope.backends, scope.run):
+                raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
+            wake.wait(pauses[min(step, len(pauses) - 1)])
+            wake.clear()
+    finally:
+        stop_watch()
+
+
+def _raise_for_markers(runner: Runner, scope: RunScope, markers: dict[str, bytes],
+                       prefix: str) -> None:
+    for kind in ("failed", "lost"):
+        if prefix + kind in markers:
+            outcome = Outcome.decode(markers[prefix + kind])
+            if outcome.lost:
+                raise ResultMissing(outcome.traceback, [scope.ref(n) for n in outcome.lost_jobs])
+            raise RunFailed(scope.ref(outcome.job), outcome.traceback)
+    report = runs.lost_report(scope.backends, scope.run)
+    if report or runs.state_lost(scope.backends, scope.run):
+        why = report["why"] if report else "memcached lost the run's state (restart or eviction)"
+        record = aggregate.aggregate_record(scope, int(prefix.rstrip("/").rsplit("/", 1)[1]))
+        missing = aggregate.gather(scope, record)[1] if record else list(report["jobs"]) \
+            if report else []
+        raise ResultMissing(why, [scope.ref(n) for n in missing])
+
+
+def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``run`` so a call in the caller starts and records a run."""
+
+    @functools.wraps(function)
+    def run(self: Runner, *args: Any, **kwargs: Any) -> Any:
+        if self._context is not None:  # a worker executing the root job, or nested
+            return function(self, *args, **kwargs)
+        scope = self._begin()
+        self._context = Context(scope, Batches(scope, "caller"))
+        try:
+            result = function(self, *args, **kwargs)
+            if isinstance(result, JobRef):
+                result = self.wait(result)
+        except BaseException as err:
+            runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err))
+            raise
+        finally:
+            self._context = None
+        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _recordable(result))
+        return result
+
+    return run
+
+
+def _failure(err: BaseException) -> Outcome:
+    if isinstance(err, ResultMissing):
+        return Outcome.missing([ref.number for ref in err.jobs], str(err))
+    if isinstance(err, RunFailed):
+        return Outcome.failed(err.job.number if err.job else 0, err.traceback, own=False)
+    return Outcome.failed(0, "".join(traceback.format_exception(err)), own=False)
+
+
+def _recordable(value: Any) -> Outcome:
+    try:
+        dumps(value)
+        return Outcome.done(value)
+    except EncodeError:
+        return Outcome.done(repr(value))

@@ -1,0 +1,216 @@
+"""memcached, as a pool of servers: a run's records, counters and values.
+
+Keys are spread over the pool by rendezvous hashing done here, not by
+pymemcache's HashClient, so a dead server is an error naming it and never a
+silent remapping of its keys to another server (which would look like data
+loss, or worse, like fresh state).
+
+Writes that decide correctness wait for memcached's reply (pymemcache's
+default is ``noreply``, under which ``add`` always says True). Only progress
+counters are written without a reply.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheError
+
+from packmule.config import Address, format_address
+from packmule.errors import StoreUnavailable
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """Builds every memcached key of one run (the one place keys are spelled)."""
+
+    namespace: str
+    run: str
+
+    def _key(self, *parts: object) -> str:
+        return ":".join((self.namespace, self.run, *map(str, parts)))
+
+    @property
+    def sequence(self) -> str:
+        """Counter: ``incr`` on it allocates job numbers (never decremented)."""
+        return self._key("seq")
+
+    @property
+    def total(self) -> str:
+        """Counter: jobs counted in the run's progress (aggregates included)."""
+        return self._key("total")
+
+    @property
+    def completed(self) -> str:
+        """Counter: jobs that finished with a value."""
+        return self._key("completed")
+
+    @property
+    def failed(self) -> str:
+        """Counter: jobs that failed for good (buried)."""
+        return self._key("failed")
+
+    @property
+    def handled(self) -> str:
+        """Counter: jobs whose error ``handle_error`` turned into a value."""
+        return self._key("handled")
+
+    @property
+    def lost(self) -> str:
+        """Counter: values found lost and passed on as MISSING."""
+        return self._key("lost")
+
+    @property
+    def cancelled(self) -> str:
+        """Flag: the run was cancelled."""
+        return self._key("cancelled")
+
+    def job(self, number: int) -> str:
+        """A job's record: its outcome once it finished."""
+        return self._key("j", number)
+
+    def batch(self, batch: str) -> str:
+        """A batch's record: its size once closed, and who waits on it."""
+        return self._key("b", batch)
+
+    def batch_done(self, batch: str) -> str:
+        """Counter: completions counted in a batch (redeliveries may count twice)."""
+        return self._key("d", batch)
+
+    def aggregate(self, number: int) -> str:
+        """An aggregate's description: method, dependencies, where its job is parked."""
+        return self._key("a", number)
+
+    def sentinel(self, index: int) -> str:
+        """The run's sentinel on memcached server ``index``: gone means that server lost state."""
+        return self._key("s", index)
+
+
+class Store:
+    """A memcached pool. Not thread-safe: one per thread or process."""
+
+    def __init__(
+        self, addresses: tuple[Address, ...], *, timeout_seconds: float, ttl_seconds: int
+    ) -> None:
+        self.names = [format_address(a) for a in addresses]
+        self.ttl = ttl_seconds
+        self._clients = [
+            Client(a, connect_timeout=timeout_seconds, timeout=timeout_seconds,
+                   no_delay=True, default_noreply=False)
+            for a in addresses
+        ]
+        self.round_trips = 0  # counted for tests and benchmarks of O(1) reads
+
+    def server_of(self, key: str) -> int:
+        """Pool index holding ``key`` (rendezvous hashing: stable as the pool grows)."""
+        if len(self.names) == 1:
+            return 0
+        data = key.encode()
+        scores = [zlib.crc32(name.encode() + data) for name in self.names]
+        return scores.index(max(scores))
+
+    @contextmanager
+    def _on(self, index: int, action: str) -> Iterator[Client]:
+        self.round_trips += 1
+        try:
+            yield self._clients[index]
+        except (MemcacheError, OSError) as err:
+            raise StoreUnavailable(self.names[index], f"memcached {action} failed: {err!r}") from err
+
+    def _client_for(self, key: str, action: str) -> AbstractContextManager[Client]:
+        return self._on(self.server_of(key), action)
+
+    def add(self, key: str, value: bytes) -> bool:
+        """Store ``value`` only if ``key`` is absent; True if this call stored it."""
+        with self._client_for(key, "add") as client:
+            return bool(client.add(key, value, expire=self.ttl, noreply=False))
+
+    def set(self, key: str, value: bytes, *, index: int | None = None) -> None:
+        """Store ``value`` (on server ``index`` if given, else where ``key`` hashes)."""
+        where = self.server_of(key) if index is None else index
+        with self._on(where, "set") as client:
+            if not client.set(key, value, expire=self.ttl, noreply=False):
+                raise StoreUnavailable(self.names[where], f"memcached did not store {key}")
+
+    def set_many(self, values: dict[str, bytes]) -> None:
+        """Store several keys, one pipelined round trip per server."""
+        for index, keys in self._by_server(values).items():
+            with self._on(index, "set") as client:
+                failed = client.set_many({k: values[k] for k in keys}, expire=self.ttl,
+                                         noreply=False)
+            if failed:
+                raise StoreUnavailable(self.names[index], f"memcached did not store {failed[:3]}")
+
+    def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or None if absent (never stored, expired or lost)."""
+        with self._client_for(key, "get") as client:
+            value = client.get(key)
+        return value if value is None else bytes(value)
+
+    def gets(self, key: str) -> tuple[bytes | None, bytes | None]:
+        """``(value, cas token)``, or ``(None, None)`` if absent."""
+        with self._client_for(key, "gets") as client:
+            value, token = client.gets(key)
+        return (None, None) if value is None else (bytes(value), token)
+
+    def cas(self, key: str, value: bytes, token: bytes) -> bool:
+        """Replace ``key`` if unchanged since ``gets`` gave ``token``; False if it changed or went."""
+        with self._client_for(key, "cas") as client:
+            return bool(client.cas(key, value, token, expire=self.ttl, noreply=False))
+
+    def incr(self, key: str, amount: int = 1) -> int | None:
+        """Add to a counter; the new value, or None if the counter does not exist."""
+        with self._client_for(key, "incr") as client:
+            result = client.incr(key, amount, noreply=False)
+        return None if result is None else int(result)
+
+    def incr_quietly(self, key: str, amount: int = 1) -> None:
+        """Add to a progress counter without waiting for a reply (it decides nothing)."""
+        with self._client_for(key, "incr") as client:
+            client.incr(key, amount, noreply=True)
+
+    def decr_quietly(self, key: str, amount: int = 1) -> None:
+        """Subtract from a progress counter without waiting (memcached stops at 0)."""
+        with self._client_for(key, "decr") as client:
+            client.decr(key, amount, noreply=True)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """Values of the present ``keys``: one round trip per server holding some."""
+        found: dict[str, bytes] = {}
+        for index, group in self._by_server(keys).items():
+            with self._on(index, "get") as client:
+                for chunk_start in range(0, len(group), 5000):
+                    found.update(client.get_many(group[chunk_start:chunk_start + 5000]))
+        return found
+
+    def get_at(self, index: int, keys: list[str]) -> dict[str, bytes]:
+        """Values of ``keys`` read from server ``index`` regardless of hashing."""
+        with self._on(index, "get") as client:
+            return dict(client.get_many(keys))
+
+    def evictions(self, index: int) -> int:
+        """How many items server ``index`` evicted since it started (its ``stats``)."""
+        with self._on(index, "stats") as client:
+            stats = client.stats()
+        return int(stats.get(b"evictions", stats.get("evictions", 0)))
+
+    def flush_all(self) -> None:
+        """Forget everything on every server (tests of data loss)."""
+        for index in range(len(self._clients)):
+            with self._on(index, "flush_all") as client:
+                client.flush_all(noreply=False)
+
+    def _by_server(self, keys: Iterable[str]) -> dict[int, list[str]]:
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.server_of(key), []).append(key)
+        return groups
+
+    def close(self) -> None:
+        """Close every connection."""
+        for client in self._clients:
+            client.close()

@@ -1,0 +1,192 @@
+"""The worker loop: reserve, decode, execute under a keep-alive, record, delete.
+
+Signal handlers only set flags: the first SIGTERM/SIGINT lets the current
+job finish, the second exits at once (beanstalkd hands that job out again
+after its time-to-run). A job that cannot be decoded, or names a module
+outside ``--import``, is buried with the reason logged and never executed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from types import FrameType
+from typing import Any
+
+import greenstalk
+
+from packmule import execution
+from packmule.config import Settings, format_address, settings
+from packmule.envelope import decode
+from packmule.errors import DecodeError, JobCancelled, PackmuleError, ServerError
+from packmule.queue import PARK_SECONDS, connect, naming
+from packmule.retry import backoff_seconds
+
+log = logging.getLogger("packmule.worker")
+
+
+class KeepAlive:
+    """Touches the reserved job while it runs, on the connection that reserved it.
+
+    beanstalkd accepts `touch` only on that connection; a lock keeps the loop
+    and this thread from interleaving commands on it. If the job's run is
+    cancelled, the job is interrupted with JobCancelled at the next tick.
+    """
+
+    def __init__(self, client: greenstalk.Client, lock: threading.Lock, job: greenstalk.Job,
+                 ttr_seconds: float, cancelled: Any) -> None:
+        self._client, self._lock, self._job = client, lock, job
+        self._interval = max(0.5, ttr_seconds / 3)
+        self._cancelled = cancelled
+        self._done = threading.Event()
+        self._target = threading.get_ident()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-keepalive")
+
+    def __enter__(self) -> KeepAlive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                with self._lock:
+                    self._client.touch(self._job)
+                if self._cancelled():
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(self._target), ctypes.py_object(JobCancelled))
+                    return
+            except (OSError, greenstalk.Error, PackmuleError) as err:
+                log.warning("keep-alive of job %s failed: %r", self._job.id, err)
+
+
+class Worker:
+    """Reserves jobs from the tubes of every beanstalkd server of the pool."""
+
+    def __init__(self, *, imports: list[str], tubes: list[str], burst: bool = False,
+                 config: Settings | None = None) -> None:
+        self.settings = config or settings()
+        self.allowed = frozenset(imports)
+        self.tubes = tubes or [self.settings.tube]
+        self.burst = burst
+        self.stopping = False
+        self._clients: dict[int, greenstalk.Client] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def run(self) -> None:
+        """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
+        for module in self.allowed:
+            __import__(module)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info("worker %d watching %s on %s", os.getpid(), self.tubes,
+                 [format_address(a) for a in self.settings.beanstalkd])
+        failures = 0
+        while not self.stopping:
+            try:
+                if not self.loop_once() and self.burst:
+                    break
+                failures = 0
+            except ServerError as err:
+                failures += 1
+                self._clients.clear()
+                pause = backoff_seconds(failures, base=0.2, cap=5.0)
+                log.warning("%s; retrying in %.1f s", err, pause)
+                time.sleep(pause)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            os._exit(128 + signum)
+        self.stopping = True
+
+    def loop_once(self) -> bool:
+        """Reserve and handle one job; False if none came within the timeout."""
+        reserved = self._reserve()
+        if reserved is None:
+            return False
+        index, job = reserved
+        with naming(format_address(self.settings.beanstalkd[index]), "job handling"):
+            self._handle(self._clients[index], job)
+        return True
+
+    def _client(self, index: int) -> greenstalk.Client:
+        if index not in self._clients:
+            client = connect(self.settings.beanstalkd[index], self.settings.socket_timeout_seconds
+                             + 2)
+            for tube in self.tubes:
+                client.watch(tube)
+            if "default" not in self.tubes:
+                client.ignore("default")
+            self._clients[index] = client
+        return self._clients[index]
+
+    def _reserve(self) -> tuple[int, greenstalk.Job] | None:
+        servers = len(self.settings.beanstalkd)
+        for attempt in range(servers):
+            index = (self._next + attempt) % servers
+            timeout = 1 if attempt == servers - 1 else 0
+            address = format_address(self.settings.beanstalkd[index])
+            with naming(address, "reserve"):
+                try:
+                    job = self._client(index).reserve(timeout=timeout)
+                except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
+                    continue
+            self._next = index + 1
+            return index, job
+        return None
+
+    def _handle(self, client: greenstalk.Client, job: greenstalk.Job) -> None:
+        try:
+            envelope = decode(job.body)
+            runner = execution.prepare(envelope, self.allowed)
+        except (DecodeError, ImportError, PackmuleError, TypeError) as err:
+            log.error("burying job %s: %s", job.id, err)
+            client.bury(job)
+            return
+        if execution.cancelled(runner):
+            client.delete(job)
+            return
+        ttr = runner.time_to_run or self.settings.ttr_seconds
+        try:
+            with KeepAlive(client, self._lock, job, ttr, lambda: execution.cancelled(runner)):
+                result = execution.execute(runner, envelope)
+        except JobCancelled:
+            client.delete(job)
+            return
+        except ServerError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a job's own error never stops the worker
+            self._on_job_error(client, job, runner, envelope, err)
+            return
+        if isinstance(result, execution.Verdict):
+            client.release(job, delay=PARK_SECONDS)
+            return
+        execution.record(runner, envelope, result)
+        client.delete(job)
+
+    def _on_job_error(self, client: greenstalk.Client, job: greenstalk.Job,
+                      runner: Any, envelope: Any, err: Exception) -> None:
+        attempts = int(client.stats_job(job)["reserves"])
+        limit = self.settings.max_retries if runner.max_retries is None else runner.max_retries
+        if attempts <= limit:
+            pause = backoff_seconds(attempts, base=self.settings.retry_base_seconds,
+                                    cap=self.settings.retry_max_seconds)
+            log.warning("job %s %s() raised %r; retry %d/%d in %.1f s", envelope.job,
+                        envelope.method, err, attempts, limit, pause)
+            client.release(job, delay=int(pause))
+            return
+        if execution.handle(runner, envelope, err):
+            client.delete(job)
+            return
+        log.error("job %s %s() failed for good, burying:\n%s", envelope.job, envelope.method,
+                  "".join(traceback.format_exception(err)))
+        client.bury(job)
