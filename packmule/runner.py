@@ -161,8 +161,11 @@ class Runner:
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
               **extra: Any) -> bytes:
+        # The tube travels with the job: a run's jobs stay in the tube it began in,
+        # whatever the worker's own default tube is.
+        options = {**self.options, "tube": self.tube_name}
         envelope = Envelope(type(self).class_path(), self.name, context.scope.run, number, batch,
-                            method, args, self.options, lease=context.scope.lease, **extra)
+                            method, args, options, lease=context.scope.lease, **extra)
         body = encode(envelope)
         queue = context.scope.backends.queue
         index = queue.server_for(number)

@@ -22,6 +22,7 @@ from packmule import config
 from packmule.servers import LocalServers, start_local_servers
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
 PYTHONPATH = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "examples"), str(ROOT)])
 
 

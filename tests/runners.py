@@ -9,6 +9,15 @@ from typing import Any
 from packmule import Runner
 
 
+def wait_until(condition: Any, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until true (test helper; fails after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
 class Adder(Runner):
     """Fan out ``count`` jobs returning their input, sum them."""
 
@@ -36,3 +45,27 @@ class Empty(Runner):
 
     def count(self, values: list[Any]) -> int:
         return len(values)
+
+
+class Slow(Runner):
+    """Jobs that sleep, for tests that act on a run in the middle."""
+
+    def run(self, count: int = 20, pause: float = 0.2) -> Any:
+        jobs = self.enqueue_each("nap", [pause] * count)
+        return self.deferred_result("total", jobs)
+
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def total(self, values: list[float]) -> float:
+        return round(sum(values), 6)
+
+
+class LateRegistration(Adder):
+    """Waits until every job finished before registering its aggregate."""
+
+    def run(self, count: int = 10, pause: float = 0.0) -> Any:
+        jobs = self.enqueue_each("echo", [(i, 0) for i in range(count)])
+        wait_until(lambda: self.update_progress().completed == count)
+        return self.deferred_result("total", jobs)

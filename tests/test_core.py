@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from conftest import Workers
-from runners import Adder, Empty
+import greenstalk
+import pytest
+from conftest import ROOT, Workers, wait_until
+from fibonacci_runner import FibonacciRunner
+from runners import Adder, Empty, LateRegistration, Slow
+from sleepy_runner import SleepyRunner
+
+import packmule
+from packmule import execution
+from packmule.backends import backends
+from packmule.envelope import decode
 
 
 def test_run_blocks_and_returns_the_sum(env: dict[str, str], workers: Workers) -> None:
@@ -16,5 +32,142 @@ def test_run_blocks_and_returns_the_sum(env: dict[str, str], workers: Workers) -
     assert str(progress) == "51 / 51"
 
 
+def test_sleepy_runner_run_returns_the_sum_of_its_naps(env: dict[str, str],
+                                                       workers: Workers) -> None:
+    workers.start("sleepy_runner", 2)
+    runner = SleepyRunner("nightly")
+    total = runner.run(100, 0.01)
+    record = SleepyRunner.find("nightly")
+    assert record is not None and record.state == "done" and record.value == total
+    assert 0 < total < 1.0
+
+
+def test_run_async_progress_from_another_process(env: dict[str, str], workers: Workers) -> None:
+    workers.start("sleepy_runner", 2)
+    ref = SleepyRunner("watched").run_async(60, 0.02)
+    assert isinstance(ref, packmule.JobRef) and ref.number == 0
+    watcher = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "watch_progress.py"), "watched"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=90, check=True)
+    lines = [json.loads(line) for line in watcher.stdout.splitlines()]
+    readings, final = lines[:-1], lines[-1]
+    completed = [r[0] for r in readings]
+    assert completed == sorted(completed), "progress went backwards"
+    assert readings[-1] == [61, 61, "done"]
+    assert final["value"] == SleepyRunner("watched").get_return_value()
+    assert final["value"] > 0
+
+
+def test_fibonacci_through_nested_deferred_results(env: dict[str, str],
+                                                   workers: Workers) -> None:
+    workers.start("fibonacci_runner", 2)
+    FibonacciRunner("f").run_async(15)
+    wait_until(lambda: FibonacciRunner("f").update_progress().finished, timeout=120,
+               what="fib(15) to finish")
+    assert FibonacciRunner("f").get_return_value() == 610
+
+
+def test_fibonacci_blocking_run(env: dict[str, str], workers: Workers) -> None:
+    workers.start("fibonacci_runner", 2)
+    assert FibonacciRunner("g").run(8) == 21
+
+
 def test_zero_jobs_finish_at_once_without_workers(env: dict[str, Any]) -> None:
     assert Empty("none").run() == 0
+    assert Empty("none").update_progress().state == "done"
+
+
+def test_unknown_is_not_finished(env: dict[str, str]) -> None:
+    assert Adder.find("never-ran") is None
+    with pytest.raises(packmule.UnknownRun):
+        Adder("never-ran").get_return_value()
+    assert Adder("never-ran").update_progress().state == "unknown"
+
+
+def _execute_next_job(tube: str) -> greenstalk.Job:
+    """Reserve one job and run it in this process, as a worker would, without deleting it."""
+    address = backends().settings.beanstalkd[0]
+    client = greenstalk.Client(address, encoding=None, watch=tube)
+    job = client.reserve(timeout=10)
+    envelope = decode(job.body)
+    runner = execution.prepare(envelope, frozenset({"runners"}))
+    execution.record(runner, envelope, execution.execute(runner, envelope))
+    client.release(job)  # handed out again: the redelivery
+    client.close()
+    return job
+
+
+def test_a_job_executed_twice_counts_once(env: dict[str, str], workers: Workers,
+                                          tmp_path: Path) -> None:
+    os.environ["PACKMULE_TEST_COUNT_FILE"] = str(tmp_path / "fired")
+    env["PACKMULE_TEST_COUNT_FILE"] = str(tmp_path / "fired")
+    try:
+        result: dict[str, Any] = {}
+        runner = Adder("twice")
+        thread = threading.Thread(target=lambda: result.update(v=runner.run(5)))
+        thread.start()
+        wait_until(lambda: Adder("twice").update_progress().total == 6, what="jobs enqueued")
+        _execute_next_job(env["PACKMULE_TUBE"])  # first execution, then "redelivered"
+        workers.start("runners", 1)
+        thread.join(timeout=30)
+        assert result["v"] == sum(range(5))
+        progress = Adder("twice").update_progress()
+        assert (progress.completed, progress.total) == (6, 6)
+        assert (tmp_path / "fired").read_text() == "fired\n"
+    finally:
+        os.environ.pop("PACKMULE_TEST_COUNT_FILE")
+
+
+def test_aggregate_registered_after_its_jobs_finished_fires_once(
+        env: dict[str, str], workers: Workers, tmp_path: Path) -> None:
+    env["PACKMULE_TEST_COUNT_FILE"] = os.environ["PACKMULE_TEST_COUNT_FILE"] = str(
+        tmp_path / "fired")
+    try:
+        workers.start("runners", 2)
+        assert LateRegistration("late").run(20) == sum(range(20))
+        assert (tmp_path / "fired").read_text() == "fired\n"
+    finally:
+        os.environ.pop("PACKMULE_TEST_COUNT_FILE")
+
+
+def _progress_round_trips(name: str) -> int:
+    store, coord = backends().store, backends().coord
+    calls = {"etcd": 0}
+    original = coord.get
+
+    def counting_get(key: str) -> bytes | None:
+        calls["etcd"] += 1
+        return original(key)
+
+    coord.get = counting_get  # type: ignore[method-assign]
+    before = store.round_trips
+    try:
+        Adder(name).update_progress()
+    finally:
+        coord.get = original  # type: ignore[method-assign]
+    return store.round_trips - before + calls["etcd"]
+
+
+def test_progress_costs_the_same_at_10_and_10000_jobs(env: dict[str, str]) -> None:
+    for name, count in (("small", 10), ("large", 10_000)):
+        runner = Adder(name)
+        runner.enqueue_each("echo", [(i, 0) for i in range(count)])
+        assert runner.update_progress().total == count
+    small, large = _progress_round_trips("small"), _progress_round_trips("large")
+    assert small == large
+    assert small <= 3
+
+
+def test_flushing_memcached_mid_run_raises_result_missing(env: dict[str, str],
+                                                          workers: Workers) -> None:
+    workers.start("runners", 2)
+    flusher = threading.Thread(target=lambda: (
+        wait_until(lambda: Slow("flushed").update_progress().completed >= 3, what="some jobs"),
+        backends().store.flush_all()))
+    started = time.monotonic()
+    flusher.start()
+    with pytest.raises(packmule.ResultMissing) as caught:
+        Slow("flushed").run(30, 0.2)
+    flusher.join()
+    assert caught.value.jobs, "ResultMissing must name jobs"
+    assert time.monotonic() - started < 20
