@@ -125,7 +125,7 @@ def demo(naps: int, workers: int) -> None:
 
 def _run_demo(examples: Path, naps: int) -> None:
     sys.path.insert(0, str(examples))
-    from sleepy_runner import SleepyRunner  # type: ignore[import-not-found]
+    from sleepy_runner import SleepyRunner
 
     runner = SleepyRunner("demo")
     started = time.monotonic()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import etcd3
@@ -22,7 +22,6 @@ import etcd3.watch
 
 from packmule.config import Address, format_address
 from packmule.errors import CoordinatorUnavailable
-
 
 if not hasattr(etcd3.watch, "six"):
     # python3-etcd3 0.13 still calls six.itervalues() when a watch stream ends
@@ -105,10 +104,8 @@ class Coordinator:
 
         def cancel() -> None:
             for watch_id in ids:
-                try:
+                with suppress(Exception):
                     self._client.cancel_watch(watch_id)
-                except Exception:  # noqa: BLE001 - cancel is best effort at shutdown
-                    pass
         return cancel
 
     def close(self) -> None:

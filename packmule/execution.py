@@ -18,7 +18,7 @@ from packmule.backends import backends
 from packmule.envelope import Envelope
 from packmule.errors import DecodeError, EncodeError
 from packmule.jobref import JobRef
-from packmule.outcome import Outcome
+from packmule.outcome import Failure, Outcome
 from packmule.runner import Context, Runner
 
 log = logging.getLogger("packmule.worker")
@@ -81,7 +81,7 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
     if record is None:
         return Outcome.missing([envelope.job], "the aggregate's description is gone")
     values, lost = aggregate.gather(scope, record)
-    failed = any(isinstance(v, aggregate.Failure) for v in values)
+    failed = any(isinstance(v, Failure) for v in values)
     if (lost and not runs.state_lost(scope.backends, scope.run)) or (failed and not record["af"]):
         return Verdict("park", "kicked before its dependencies finished")
     if lost and record["halt"]:
@@ -117,7 +117,7 @@ def handle(runner: Runner, envelope: Envelope, err: BaseException) -> bool:
     """Give the runner's ``handle_error`` a chance; True if it supplied a value."""
     try:
         value = runner.handle_error(err, envelope.method, list(envelope.args))
-    except BaseException:  # noqa: BLE001 - the hook declined: the job fails
+    except BaseException:
         fail(runner, envelope, "".join(traceback.format_exception(err)))
         return False
     scope = _scope(runner)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import greenstalk
 
@@ -33,7 +33,7 @@ def naming(address: str, action: str) -> Iterator[None]:
         raise QueueUnavailable(address, f"beanstalkd {action} failed: {err!r}") from err
 
 
-def connect(address: Address, timeout_seconds: float) -> greenstalk.Client:
+def connect(address: Address, timeout_seconds: float) -> greenstalk.Client[bytes]:
     """A greenstalk client with a socket timeout, so a dead server cannot hang us."""
     with naming(format_address(address), "connect"):
         sock = socket.create_connection(address, timeout=timeout_seconds)
@@ -47,7 +47,7 @@ class Queue:
         self.addresses = addresses
         self.names = [format_address(a) for a in addresses]
         self._timeout = timeout_seconds
-        self._clients: dict[int, greenstalk.Client] = {}
+        self._clients: dict[int, greenstalk.Client[bytes]] = {}
         self._using: dict[int, str] = {}
         self._max_size: dict[int, int] = {}
 
@@ -62,14 +62,14 @@ class Queue:
         except ValueError:
             raise QueueUnavailable(name, "not in the configured beanstalkd pool") from None
 
-    def _client(self, index: int) -> greenstalk.Client:
+    def _client(self, index: int) -> greenstalk.Client[bytes]:
         if index not in self._clients:
             self._clients[index] = connect(self.addresses[index], self._timeout)
             self._using[index] = "default"
         return self._clients[index]
 
     @contextmanager
-    def _session(self, index: int, action: str) -> Iterator[greenstalk.Client]:
+    def _session(self, index: int, action: str) -> Iterator[greenstalk.Client[bytes]]:
         """A client for server ``index``; a broken one is dropped so the next use reconnects."""
         try:
             with naming(self.names[index], action):
@@ -82,10 +82,8 @@ class Queue:
         client = self._clients.pop(index, None)
         self._using.pop(index, None)
         if client is not None:
-            try:
+            with suppress(OSError):
                 client.close()
-            except OSError:
-                pass
 
     def max_job_size(self, index: int) -> int:
         """The server's ``max-job-size`` (its ``-z``), asked once per server."""

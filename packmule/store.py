@@ -158,7 +158,7 @@ class Store:
         return (None, None) if value is None else (bytes(value), token)
 
     def cas(self, key: str, value: bytes, token: bytes) -> bool:
-        """Replace ``key`` if unchanged since ``gets`` gave ``token``; False if it changed or went."""
+        """Replace ``key`` if unchanged since ``gets`` gave ``token``; else False."""
         with self._client_for(key, "cas") as client:
             return bool(client.cas(key, value, token, expire=self.ttl, noreply=False))
 

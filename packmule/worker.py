@@ -38,7 +38,7 @@ class KeepAlive:
     cancelled, the job is interrupted with JobCancelled at the next tick.
     """
 
-    def __init__(self, client: greenstalk.Client, lock: threading.Lock, job: greenstalk.Job,
+    def __init__(self, client: greenstalk.Client[bytes], lock: threading.Lock, job: greenstalk.Job[bytes],
                  ttr_seconds: float, cancelled: Any) -> None:
         self._client, self._lock, self._job = client, lock, job
         self._interval = max(0.5, ttr_seconds / 3)
@@ -78,7 +78,7 @@ class Worker:
         self.tubes = tubes or [self.settings.tube]
         self.burst = burst
         self.stopping = False
-        self._clients: dict[int, greenstalk.Client] = {}
+        self._clients: dict[int, greenstalk.Client[bytes]] = {}
         self._lock = threading.Lock()
         self._next = 0
 
@@ -118,7 +118,7 @@ class Worker:
             self._handle(self._clients[index], job)
         return True
 
-    def _client(self, index: int) -> greenstalk.Client:
+    def _client(self, index: int) -> greenstalk.Client[bytes]:
         if index not in self._clients:
             client = connect(self.settings.beanstalkd[index], self.settings.socket_timeout_seconds
                              + 2)
@@ -129,7 +129,7 @@ class Worker:
             self._clients[index] = client
         return self._clients[index]
 
-    def _reserve(self) -> tuple[int, greenstalk.Job] | None:
+    def _reserve(self) -> tuple[int, greenstalk.Job[bytes]] | None:
         servers = len(self.settings.beanstalkd)
         for attempt in range(servers):
             index = (self._next + attempt) % servers
@@ -144,7 +144,7 @@ class Worker:
             return index, job
         return None
 
-    def _handle(self, client: greenstalk.Client, job: greenstalk.Job) -> None:
+    def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> None:
         try:
             envelope = decode(job.body)
             runner = execution.prepare(envelope, self.allowed)
@@ -164,7 +164,7 @@ class Worker:
             return
         except ServerError:
             raise
-        except Exception as err:  # noqa: BLE001 - a job's own error never stops the worker
+        except Exception as err:
             self._on_job_error(client, job, runner, envelope, err)
             return
         if isinstance(result, execution.Verdict):
@@ -173,7 +173,7 @@ class Worker:
         execution.record(runner, envelope, result)
         client.delete(job)
 
-    def _on_job_error(self, client: greenstalk.Client, job: greenstalk.Job,
+    def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                       runner: Any, envelope: Any, err: Exception) -> None:
         attempts = int(client.stats_job(job)["reserves"])
         limit = self.settings.max_retries if runner.max_retries is None else runner.max_retries
