@@ -144,17 +144,17 @@ class Runner:
             return []
         first = aggregate.allocate(context.scope, len(arg_lists))
         batch = context.batches.join(len(arg_lists))
-        bodies = [self._body(context, first + i, batch, method, list(a))
-                  for i, a in enumerate(arg_lists)]
         queue = context.scope.backends.queue
-        refs = []
+        refs: list[JobRef] = []
         try:
+            bodies = [self._body(context, first + i, batch, method, list(a))
+                      for i, a in enumerate(arg_lists)]
             for offset, body in enumerate(bodies):
                 index = self._put(queue, first + offset, body, delay=0)[0]
                 refs.append(JobRef(first + offset, queue.names[index], context.scope.run, batch))
         finally:
-            unput = len(bodies) - len(refs)
-            if unput:  # a server failed: uncount what was never put
+            unput = len(arg_lists) - len(refs)
+            if unput:  # too big, or a server failed: uncount what was never put
                 context.batches.sizes[batch] -= unput
                 context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
         return refs
