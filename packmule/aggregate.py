@@ -213,9 +213,15 @@ def _notify(scope: RunScope, job: int, batch: str) -> None:
     if done is None:
         report_loss(scope, [job], f"the completion counter of batch {batch} is gone")
         return
+    sizes = scope.backends.batch_sizes
+    if done < sizes.get(batch, 0):
+        return  # a closed batch's size never changes: skip the read until it may be done
     raw = store.get(keys.batch(batch))
     if raw is not None:
         record = loads(raw)
+        if len(sizes) > 100_000:
+            sizes.clear()
+        sizes[batch] = record["k"]
         if done >= record["k"]:
             for waiter in record["w"]:
                 trigger(scope, waiter)

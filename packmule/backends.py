@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from packmule.config import Settings, settings
@@ -24,6 +24,9 @@ class Backends:
     """Lazily opened clients for one thread, for one set of settings."""
 
     settings: Settings
+    # Sizes of closed batches seen by this thread (they never change once closed),
+    # so a completion skips reading the batch record until the batch may be done.
+    batch_sizes: dict[str, int] = field(default_factory=dict)
 
     @cached_property
     def queue(self) -> Queue:
