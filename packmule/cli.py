@@ -133,7 +133,7 @@ def _run_demo(examples: Path, naps: int) -> None:
     with tqdm(total=naps + 1, unit="job") as bar:
         while True:
             progress = runner.update_progress()
-            bar.total = max(progress.total, 1)
+            bar.total = max(progress.total, naps + 1)
             bar.n = progress.completed
             bar.refresh()
             if progress.finished:
