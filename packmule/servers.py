@@ -18,11 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from packmule.errors import ServerStartError
 
@@ -49,7 +49,7 @@ class _Server:
 
     @property
     def log(self) -> Path:
-        return self.folder / "server.log"
+        return self.folder / "server.log"  # appended to across restarts
 
     def describe(self) -> str:
         return f"{self.kind} on {HOST}:{self.port}"
@@ -68,13 +68,10 @@ class LocalServers:
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="packmule-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._etcd = _Server("etcd", self.workdir / "etcd")
-        self._beanstalkd = [
-            _Server("beanstalkd", self.workdir / f"beanstalkd-{i}") for i in range(beanstalkd)
-        ]
-        self._memcached = [
-            _Server("memcached", self.workdir / f"memcached-{i}") for i in range(memcached)
-        ]
+        home = self.workdir
+        self._etcd = _Server("etcd", home / "etcd")
+        self._beanstalkd = [_Server("beanstalkd", home / f"beanstalkd-{i}") for i in range(beanstalkd)]
+        self._memcached = [_Server("memcached", home / f"memcached-{i}") for i in range(memcached)]
         self._stopped = False
 
     @property
@@ -100,9 +97,7 @@ class LocalServers:
     def __enter__(self) -> LocalServers:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def stop(self) -> None:
@@ -119,17 +114,20 @@ class LocalServers:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def restart_beanstalkd(self, index: int = 0) -> None:
-        """Kill beanstalkd ``index`` and start it on the same port and binlog.
+        """Crash beanstalkd ``index`` (SIGKILL) and start it on the same port and binlog.
 
-        Jobs put before the restart are replayed from the binlog; job ids
-        continue from the binlog too. Returns once the new process serves.
+        Jobs put before the crash are replayed from the binlog (beanstalkd
+        writes it before answering ``put``; the page cache survives SIGKILL).
+        Returns once the new process serves.
         """
         self._restart(self._beanstalkd[index])
 
     def restart_memcached(self, index: int = 0) -> None:
-        """Kill memcached ``index`` and start it empty on the same port.
+        """Crash memcached ``index`` (SIGKILL) and start it empty on the same port.
 
         This is how tests lose every counter and value that server held.
+        SIGKILL, not SIGTERM: memcached 1.6 notices SIGTERM only on its
+        once-a-second clock tick, so a polite restart costs up to 1 s.
         """
         self._restart(self._memcached[index])
 
@@ -137,16 +135,15 @@ class LocalServers:
         # etcd is the slowest to become healthy: launch it first, wait for it last.
         servers = [self._etcd, *self._beanstalkd, *self._memcached]
         for server in servers:
-            _pick_ports(server)
-            _launch(server)
+            _launch(server, new_ports=True)
         for server in [*servers[1:], self._etcd]:
             _finish(server, new_ports=True)
 
     def _restart(self, server: _Server) -> None:
         if self._stopped:
             raise ServerStartError(f"{server.describe()}: the servers were stopped")
-        _terminate([server])
-        _launch(server)
+        _terminate([server], signal.SIGKILL)
+        _launch(server, new_ports=False)
         _finish(server, new_ports=False)
 
 
@@ -176,29 +173,31 @@ def start_local_servers(
 
 
 def main_foreground(beanstalkd: int, memcached: int) -> None:
-    """Run servers until SIGINT or SIGTERM, printing ``export`` lines for a shell."""
-    with start_local_servers(beanstalkd=beanstalkd, memcached=memcached) as servers:
-        for name, value in servers.env().items():
-            print(f"export {name}={shlex.quote(value)}", flush=True)
-        print(f"# logs in {servers.workdir}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        # Blocked, the signals wait for sigwait instead of killing us mid-stop.
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        try:
-            signal.sigwait(stop_signals)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    """Run servers until SIGINT or SIGTERM, printing ``export`` lines for a shell.
+
+    The handlers are set before the servers start and only set a flag, so a
+    signal that arrives during start-up still stops every server cleanly.
+    Must run in the main thread (Python delivers signals only there).
+    """
+    stop = threading.Event()
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in stop_signals}
+    try:
+        with start_local_servers(beanstalkd=beanstalkd, memcached=memcached) as servers:
+            for name, value in servers.env().items():
+                print(f"export {name}={shlex.quote(value)}", flush=True)
+            print(f"# logs in {servers.workdir}; Ctrl-C to stop", file=sys.stderr, flush=True)
+            stop.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _free_port() -> int:
+    # Racy by nature (the port is free only now): _finish retries on another.
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-def _pick_ports(server: _Server) -> None:
-    server.port = _free_port()
-    server.peer_port = _free_port() if server.kind == "etcd" else 0
 
 
 def _binary(kind: str) -> str:
@@ -232,7 +231,10 @@ def _argv(server: _Server) -> list[str]:
     ]  # fmt: skip
 
 
-def _launch(server: _Server) -> None:
+def _launch(server: _Server, *, new_ports: bool) -> None:
+    if new_ports:
+        server.port = _free_port()
+        server.peer_port = _free_port() if server.kind == "etcd" else 0
     server.folder.mkdir(parents=True, exist_ok=True)
     argv = _argv(server)
     server.log_offset = server.log.stat().st_size if server.log.exists() else 0
@@ -252,14 +254,10 @@ def _finish(server: _Server, *, new_ports: bool) -> None:
         if _await(server):
             return
         if attempt == _PORT_TRIES:
-            raise ServerStartError(
-                f"{server.describe()}: port taken {attempt} times\n{_log_tail(server)}"
-            )
-        if new_ports:
-            _pick_ports(server)
-        else:
+            raise ServerStartError(f"{server.describe()}: port taken {attempt} times\n{_log_tail(server)}")
+        if not new_ports:
             time.sleep(0.2)  # the same port: give whoever holds it a moment
-        _launch(server)
+        _launch(server, new_ports=new_ports)
 
 
 def _await(server: _Server) -> bool:
@@ -271,12 +269,10 @@ def _await(server: _Server) -> bool:
             tail = _log_tail(server)
             if "address already in use" in tail.lower():
                 return False
-            raise ServerStartError(
-                f"{server.describe()} exited with {server.process.returncode}\n{tail}"
-            )
+            raise ServerStartError(f"{server.describe()} exited with {server.process.returncode}\n{tail}")
         if _etcd_healthy(server.port) if server.kind == "etcd" else _serves_pid(server):
             return True
-        time.sleep(0.02)
+        time.sleep(0.01)
     _terminate([server])
     raise ServerStartError(
         f"{server.describe()} not ready after {_DEADLINES[server.kind]:.0f} s\n{_log_tail(server)}"
@@ -284,10 +280,9 @@ def _await(server: _Server) -> bool:
 
 
 def _serves_pid(server: _Server) -> bool:
-    """True when the port accepts and answers ``stats`` with our process's pid.
+    """True when the port answers ``stats`` with our process's pid, not just accepts.
 
-    An accepted connection alone could be another program that won the port
-    race; both beanstalkd and memcached report their pid in ``stats``.
+    An accepted connection could be another program that won the port race.
     """
     assert server.process is not None
     try:
@@ -325,12 +320,12 @@ def _log_tail(server: _Server, size: int = 2000) -> str:
         return f"(no log: {err})"
 
 
-def _terminate(servers: list[_Server]) -> None:
-    """SIGTERM each by pid, SIGKILL what is left after ~3 s, and reap all."""
+def _terminate(servers: list[_Server], first: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``first`` to each by pid, SIGKILL what is left after ~3 s, and reap all."""
     running = [s.process for s in servers if s.process is not None]
     for process in running:
         if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, first)
     deadline = time.monotonic() + _STOP_SECONDS
     for process in running:
         try:
