@@ -187,6 +187,12 @@ class Store:
                     found.update(client.get_many(group[chunk_start:chunk_start + 5000]))
         return found
 
+    def delete(self, key: str, *, index: int | None = None) -> bool:
+        """Remove ``key`` (from server ``index`` if given); True if it was there."""
+        where = self.server_of(key) if index is None else index
+        with self._on(where, "delete") as client:
+            return bool(client.delete(key, noreply=False))
+
     def get_at(self, index: int, keys: list[str]) -> dict[str, bytes]:
         """Values of ``keys`` read from server ``index`` regardless of hashing."""
         with self._on(index, "get") as client:

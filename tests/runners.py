@@ -65,7 +65,18 @@ class Slow(Runner):
 class LateRegistration(Adder):
     """Waits until every job finished before registering its aggregate."""
 
+    before_register: Any = None  # a test's callable, run once the jobs are done
+
     def run(self, count: int = 10, pause: float = 0.0) -> Any:
         jobs = self.enqueue_each("echo", [(i, 0) for i in range(count)])
         wait_until(lambda: self.update_progress().completed == count)
+        if self.before_register:
+            self.before_register(jobs)
         return self.deferred_result("total", jobs)
+
+
+class Collector(LateRegistration):
+    """Returns the values it received, so tests can see MISSING in place."""
+
+    def total(self, values: list[Any]) -> Any:
+        return values
