@@ -10,6 +10,7 @@ aggregate becomes a job, parked in beanstalkd until etcd decides it fires.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -229,7 +230,7 @@ class Runner:
 
     def _await(self, context: Context, ref: JobRef, call: Callable[[list[Any]], Any]) -> Any:
         scope = context.scope
-        _wait_for_marker(self, scope, ref.number)
+        _wait_for_marker(scope, ref.number)
         record = aggregate.aggregate_record(scope, ref.number)
         if record is None:
             raise ResultMissing(f"run {scope.run}: the aggregate's description was lost", [ref])
@@ -341,7 +342,7 @@ def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:
     return JobRef(number, queue.names[queue.server_for(number)], record.run)
 
 
-def _wait_for_marker(runner: Runner, scope: RunScope, number: int) -> None:
+def _wait_for_marker(scope: RunScope, number: int) -> None:
     """Block until aggregate ``number`` fires; raise if it failed or state was lost.
 
     Woken by an etcd watch; between wake-ups, the run's memcached state is
@@ -353,11 +354,11 @@ def _wait_for_marker(runner: Runner, scope: RunScope, number: int) -> None:
     stop_watch = coord.watch_prefixes([prefix, coord.run_lost_key(scope.run)], wake)
     pauses = doubling(*scope.backends.settings.health_check_seconds)
     try:
-        for step in range(1_000_000_000):
+        for step in itertools.count():
             markers = coord.get_prefix(prefix)
             if prefix + "fired" in markers:
                 return
-            _raise_for_markers(runner, scope, markers, prefix)
+            _raise_for_markers(scope, number, markers, prefix)
             if runs.is_cancelled(scope.backends, scope.run):
                 raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
             wake.wait(pauses[min(step, len(pauses) - 1)])
@@ -366,7 +367,7 @@ def _wait_for_marker(runner: Runner, scope: RunScope, number: int) -> None:
         stop_watch()
 
 
-def _raise_for_markers(runner: Runner, scope: RunScope, markers: dict[str, bytes],
+def _raise_for_markers(scope: RunScope, number: int, markers: dict[str, bytes],
                        prefix: str) -> None:
     for kind in ("failed", "lost"):
         if prefix + kind in markers:
@@ -377,9 +378,11 @@ def _raise_for_markers(runner: Runner, scope: RunScope, markers: dict[str, bytes
     report = runs.lost_report(scope.backends, scope.run)
     if report or runs.state_lost(scope.backends, scope.run):
         why = report["why"] if report else "memcached lost the run's state (restart or eviction)"
-        record = aggregate.aggregate_record(scope, int(prefix.rstrip("/").rsplit("/", 1)[1]))
-        missing = aggregate.gather(scope, record)[1] if record else list(report["jobs"]) \
-            if report else []
+        record = aggregate.aggregate_record(scope, number)
+        if record is not None:
+            missing = aggregate.gather(scope, record)[1]
+        else:
+            missing = list(report["jobs"]) if report else [number]
         raise ResultMissing(why, [scope.ref(n) for n in missing])
 
 
