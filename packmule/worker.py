@@ -23,7 +23,7 @@ import greenstalk
 from packmule import execution
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import decode
-from packmule.errors import DecodeError, JobCancelled, PackmuleError, ServerError
+from packmule.errors import JobCancelled, PackmuleError, ServerError
 from packmule.queue import PARK_SECONDS, connect, naming
 from packmule.retry import backoff_seconds
 
@@ -148,8 +148,12 @@ class Worker:
         try:
             envelope = decode(job.body)
             runner = execution.prepare(envelope, self.allowed)
-        except (DecodeError, ImportError, PackmuleError, TypeError) as err:
-            log.error("burying job %s: %s", job.id, err)
+        except ServerError:
+            raise
+        except Exception as err:  # whatever is wrong with a foreign job: bury it, go on
+            # Not only DecodeError: json raises RecursionError on deep nesting, and
+            # a forged envelope can make importing or constructing fail any way.
+            log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
             client.bury(job)
             return
         if execution.cancelled(runner):
@@ -170,7 +174,17 @@ class Worker:
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
             return
-        execution.record(runner, envelope, result)
+        try:
+            execution.record(runner, envelope, result)
+        except ServerError:
+            raise
+        except Exception:  # e.g. a returned JobRef of another context
+            text = traceback.format_exc()
+            log.error("job %s %s(): recording its result failed, burying:\n%s", envelope.job,
+                      envelope.method, text)
+            execution.fail(runner, envelope, text)
+            client.bury(job)
+            return
         client.delete(job)
 
     def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
