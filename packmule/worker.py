@@ -156,6 +156,21 @@ class Worker:
             log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
             client.bury(job)
             return
+        try:
+            self._execute(client, job, runner, envelope)
+        except ServerError:
+            raise
+        except Exception:  # e.g. a bad option value, a returned JobRef of another context
+            # One job's trouble must not stop the worker (every worker would meet
+            # the job in turn): fail it, so a waiting caller hears of it, and bury it.
+            text = traceback.format_exc()
+            log.error("job %s %s(): handling it failed, burying:\n%s", envelope.job,
+                      envelope.method, text)
+            execution.fail(runner, envelope, text)
+            client.bury(job)
+
+    def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
+                 runner: Any, envelope: Any) -> None:
         if execution.cancelled(runner):
             client.delete(job)
             return
@@ -174,17 +189,7 @@ class Worker:
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
             return
-        try:
-            execution.record(runner, envelope, result)
-        except ServerError:
-            raise
-        except Exception:  # e.g. a returned JobRef of another context
-            text = traceback.format_exc()
-            log.error("job %s %s(): recording its result failed, burying:\n%s", envelope.job,
-                      envelope.method, text)
-            execution.fail(runner, envelope, text)
-            client.bury(job)
-            return
+        execution.record(runner, envelope, result)
         client.delete(job)
 
     def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],

@@ -216,10 +216,10 @@ def test_a_job_running_three_times_its_ttr_runs_once(
 
 
 # 6. Forged and corrupt jobs are buried -----------------------------------------------------
-def _forged(runner: str, method: str, args: list[Any]) -> bytes:
+def _forged(runner: str, method: str, args: list[Any], **options: Any) -> bytes:
     return json.dumps({
         "packmule": 1, "runner": runner, "name": "forged", "run": "f0rged", "job": 1,
-        "batch": "caller.x", "method": method, "args": args, "options": {},
+        "batch": "caller.x", "method": method, "args": args, "options": options,
         "aggregate": False, "kwargs": {}, "lease": 0,
     }).encode()
 
@@ -236,6 +236,9 @@ def test_forged_and_corrupt_jobs_are_buried_and_the_worker_goes_on(
         _forged("fault_runners:os.system", "system", [f"touch {touched}"]),
         _forged("fault_runners:Counted", "_secret", ["private"]),
         _forged("fault_runners:Counted", "cancel", []),
+        _forged("fault_runners:Counted", "echo", [[1, 0]], colour="red"),
+        # A raising job whose max_retries is text: the retry decision itself raises.
+        _forged("fault_runners:Flaky", "maybe", [2, 2], max_retries="3"),
         b"\x00\xffnot json at all",
         b"[" * 30_000,  # json raises RecursionError, not ValueError
         b'{"packmule": 1, "runner": "fault_runners:Counted"}',
