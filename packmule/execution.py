@@ -44,10 +44,12 @@ DELETE = Verdict("delete")
 #   before-fire: an aggregate's dependencies are all done, its etcd "fired"
 #                marker is not written yet;
 #   after-fire:  the marker is written, a parked aggregate job not kicked yet;
-#   before-count: the job's outcome is recorded, its progress count not sent.
+#   before-count: the job's outcome is recorded, its progress count not sent;
+#   after-chain: a job that returned a deferred result (a JobRef) has its
+#                chain registered, and is not deleted from beanstalkd yet.
 # The fault tests use it to crash a worker at those exact moments.
 CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
-_CRASH_POINTS = ("before-fire", "after-fire", "before-count")
+_CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-chain")
 
 
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
@@ -122,6 +124,8 @@ def record(runner: Runner, envelope: Envelope, result: Any) -> None:
         with _crash_hook(scope):
             aggregate.register_chain(scope, runner._context.batches, envelope.job,
                                      envelope.batch, result)
+        if os.environ.get(CRASH_HOOK, "").startswith("after-chain:"):
+            _die_once(os.environ[CRASH_HOOK].partition(":")[2])
         return
     outcome = result if isinstance(result, Outcome) else Outcome.done(
         result if runner.record_return_values else None)

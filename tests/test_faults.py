@@ -166,6 +166,30 @@ def test_a_job_killed_before_its_count_counts_once(
     assert (progress.completed, progress.total) == (21, 21), "a job that ran twice counts once"
 
 
+@pytest.mark.timeout(60)
+def test_a_fan_out_job_killed_before_its_delete_fires_its_aggregate_once(
+        env: dict[str, str], workers: Workers, tmp_path: Path,
+        counts: tuple[Path, Path]) -> None:
+    """Invariant 1 seen from the user: run() fanned out and deferred; its worker dies after.
+
+    The root job is handed out again and runs ``run`` again; the aggregate method
+    written once in ``run`` must still be called once.
+    """
+    fired, _ = counts
+    flag = tmp_path / "crashed"
+    env[CRASH_HOOK] = f"after-chain:{flag}"
+    workers.start("fault_runners", 2)
+    runner = Counted("refanned")
+    runner.run_async(20)
+    progress = _finished(runner, timeout=30)
+    assert flag.exists(), "the crash hook never ran"
+    assert (progress.state, runner.get_return_value()) == ("done", sum(range(20)))
+    wait_until(lambda: _drained(env), timeout=30, what="the tube to drain")
+    progress = runner.update_progress()
+    assert _lines(fired) == ["fired"], f"the aggregate method ran more than once ({progress})"
+    assert (progress.completed, progress.total) == (21, 21)
+
+
 # 3. beanstalkd restarts mid-run --------------------------------------------------------------
 @pytest.mark.timeout(90)
 def test_beanstalkd_restart_mid_run_completes_with_the_exact_value(
