@@ -87,11 +87,32 @@ class Runner:
                 raise ConfigurationError(f"{type(self).__name__}: unknown option {key!r}")
             setattr(self, key, value)
         dumps(options, what=f"options of {type(self).__name__}")
-        check_tube(self.tube_name)
+        self._check_options()
         self.name = name
         self.options = options
         self._context: Context | None = None
         self._progress: Progress | None = None
+
+    def _check_options(self) -> None:
+        """Refuse option values beanstalkd or packmule cannot use, naming them."""
+        name = type(self).__name__
+        for flag in ("record_return_values", "push_progress_updates", "halt_on_data_loss"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"{name}.{flag}: {getattr(self, flag)!r} is not a bool")
+        ttr = self.time_to_run
+        if ttr is not None and (isinstance(ttr, bool) or not isinstance(ttr, int | float)
+                                or ttr < 2):
+            raise ConfigurationError(f"{name}.time_to_run: {ttr!r} is not a number of seconds >= 2")
+        retries = self.max_retries
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                    or retries < 0):
+            raise ConfigurationError(f"{name}.max_retries: {retries!r} is not an int >= 0")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) \
+                or not 0 <= self.priority < 2**32:
+            raise ConfigurationError(f"{name}.priority: {self.priority!r} is not in 0..2**32-1")
+        if self.tube is not None and not isinstance(self.tube, str):
+            raise ConfigurationError(f"{name}.tube: {self.tube!r} is not a string")
+        check_tube(self.tube_name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -254,9 +275,13 @@ class Runner:
         dumps(kwargs, what="keyword arguments of run()")
         scope = self._begin()
         context = Context(scope, Batches(scope, "root"))
-        scope.backends.store.add(scope.keys.batch_done("root"), b"0")
-        body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
-        index = self._put(scope.backends.queue, ROOT_JOB, body, delay=0)[0]
+        try:
+            scope.backends.store.add(scope.keys.batch_done("root"), b"0")
+            body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
+            index = self._put(scope.backends.queue, ROOT_JOB, body, delay=0)[0]
+        except BaseException as err:  # the run never started: say so, not "running"
+            runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err))
+            raise
         return JobRef(ROOT_JOB, scope.backends.queue.names[index], scope.run, "root")
 
     def _begin(self) -> RunScope:
