@@ -96,13 +96,13 @@ def test_killing_workers_at_random_moments_fires_the_aggregate_once(
     rng = random.Random(seed)
     alive = workers.start("fault_runners", 2)
     runner = Counted("killed")
-    runner.run_async(2000, 0.003)
+    runner.run_async(2000, 0.004)
     # Kills start once the fan-out is on the queue: a root job killed half-way
     # through its fan-out is re-executed and fans out again (see the report).
     wait_until(lambda: runner.update_progress().total >= 2001, timeout=30, what="the fan-out")
     for kill in range(12):
         # A random moment, not a synchronisation: whatever the victim is doing then, it dies.
-        time.sleep(rng.uniform(0.05, 0.3))
+        time.sleep(rng.uniform(0.03, 0.2))
         assert runner.update_progress().completed < 1900, f"run nearly done after {kill} kills"
         victim = alive.pop(rng.randrange(len(alive)))
         workers.kill9(victim)
