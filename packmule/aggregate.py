@@ -172,29 +172,35 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome
     The first outcome recorded wins, except that a failure is replaced by a
     value (a buried job kicked after a fix). Returns the recorded outcome.
     """
-    store, keys = scope.backends.store, scope.keys
-    data = outcome.encode()
-    effective, revived = outcome, None
-    if not store.add(keys.job(job), data):
-        while True:
-            old, token = store.gets(keys.job(job))
-            if old is None or token is None:
-                if store.add(keys.job(job), data):
-                    break
-                continue
-            prior = Outcome.decode(old)
-            if prior.ok or not outcome.ok:
-                effective = prior
-                break
-            if store.cas(keys.job(job), data, token):
-                revived = prior
-                break
-    if effective is outcome and job != ROOT_JOB and scope.count_progress:
-        _count(scope, outcome, revived)
+    effective, revived, counted = _record(scope, job, outcome)
+    if not counted and job != ROOT_JOB and scope.count_progress:
+        _count(scope, effective, revived)
+        # The record ends with a newline once counted (JSON ignores it): a job
+        # that dies between recording and counting is counted when it runs again.
+        scope.backends.store.append_quietly(scope.keys.job(job), COUNTED)
     _notify(scope, job, batch)
     if job == ROOT_JOB:
         runs.finish(scope.backends, scope.identity, scope.run, scope.lease, effective)
     return effective
+
+
+COUNTED = b"\n"
+
+
+def _record(scope: RunScope, job: int, outcome: Outcome) -> tuple[Outcome, Outcome | None, bool]:
+    """Store ``outcome`` unless one is recorded; ``(recorded, revived failure, counted)``."""
+    store, key = scope.backends.store, scope.keys.job(job)
+    data = outcome.encode()
+    while not store.add(key, data):
+        old, token = store.gets(key)
+        if old is None or token is None:
+            continue
+        prior = Outcome.decode(old)
+        if prior.ok or not outcome.ok:
+            return prior, None, old.endswith(COUNTED)
+        if store.cas(key, data, token):
+            return outcome, (prior if old.endswith(COUNTED) else None), False
+    return outcome, None, False
 
 
 def _count(scope: RunScope, outcome: Outcome, revived: Outcome | None) -> None:

@@ -173,6 +173,11 @@ class Store:
         with self._client_for(key, "incr") as client:
             client.incr(key, amount, noreply=True)
 
+    def append_quietly(self, key: str, data: bytes) -> None:
+        """Append ``data`` to an existing value without waiting (a marker, not state)."""
+        with self._client_for(key, "append") as client:
+            client.append(key, data, expire=self.ttl, noreply=True)
+
     def decr_quietly(self, key: str, amount: int = 1) -> None:
         """Subtract from a progress counter without waiting (memcached stops at 0)."""
         with self._client_for(key, "decr") as client:
