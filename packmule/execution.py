@@ -45,11 +45,12 @@ DELETE = Verdict("delete")
 #                marker is not written yet;
 #   after-fire:  the marker is written, a parked aggregate job not kicked yet;
 #   before-count: the job's outcome is recorded, its progress count not sent;
+#   after-count: its progress count is sent, nothing after it is;
 #   after-chain: a job that returned a deferred result (a JobRef) has its
 #                chain registered, and is not deleted from beanstalkd yet.
 # The fault tests use it to crash a worker at those exact moments.
 CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
-_CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-chain")
+_CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-count", "after-chain")
 
 
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
@@ -182,6 +183,8 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
         if key == scope.keys.completed and point == "before-count":
             _die_once(flag)
         incr_quietly(key, amount)
+        if key == scope.keys.completed and point == "after-count":
+            _die_once(flag)
 
     coord.create_if_absent = create_then_maybe_die  # type: ignore[method-assign]
     store.incr_quietly = maybe_die_then_incr  # type: ignore[method-assign]

@@ -113,7 +113,7 @@ def test_killing_workers_at_random_moments_fires_the_aggregate_once(
     wait_until(lambda: _drained(env), timeout=30, what="redelivered jobs to run again")
     assert _lines(fired) == ["fired"], f"aggregate calls after 12 kills (seed {seed})"
     progress = runner.update_progress()
-    # Exact completed counts under kills: see test_a_job_killed_before_its_count_counts_once.
+    # Exact completed counts under kills: see test_a_job_killed_around_its_count_counts_once.
     assert (progress.total, progress.failed) == (2001, 0)
     assert 1990 <= progress.completed <= 2001, f"seed {seed}"
 
@@ -149,13 +149,15 @@ def test_crash_between_last_completion_and_firing_is_repaired(
 
 
 @pytest.mark.timeout(60)
-def test_a_job_killed_before_its_count_counts_once(
+@pytest.mark.parametrize("point", ["before-count", "after-count"])
+def test_a_job_killed_around_its_count_counts_once(
         env: dict[str, str], workers: Workers, tmp_path: Path,
-        counts: tuple[Path, Path]) -> None:
-    """Invariant 2: the worker dies after recording a job's outcome, before counting it."""
+        counts: tuple[Path, Path], point: str) -> None:
+    """Invariant 2: the worker dies once the job's outcome is recorded, before or
+    just after its progress count is sent; the job runs again and counts once."""
     fired, executed = counts
     flag = tmp_path / "crashed"
-    env[CRASH_HOOK] = f"before-count:{flag}"
+    env[CRASH_HOOK] = f"{point}:{flag}"
     workers.start("fault_runners", 2)
     runner = Counted("uncounted")
     assert runner.run(20) == sum(range(20))
