@@ -129,3 +129,5 @@ def test_an_unreachable_server_is_named_by_its_address(
     with pytest.raises(error) as caught:
         Counted("unreachable").run_async(3)
     assert caught.value.address == "127.0.0.1:1"
+    if setting == "beanstalkd":  # etcd and memcached answer: the refused run is not "running"
+        assert Counted("unreachable").update_progress().state != "running"
