@@ -97,8 +97,8 @@ def test_killing_workers_at_random_moments_fires_the_aggregate_once(
     alive = workers.start("fault_runners", 2)
     runner = Counted("killed")
     runner.run_async(2000, 0.004)
-    # Kills start once the fan-out is on the queue: a root job killed half-way
-    # through its fan-out is re-executed and fans out again (see the report).
+    # Kills start once the fan-out is on the queue: a root job killed during its
+    # fan-out runs again; test_a_fan_out_job_killed_before_its_delete_... covers that.
     wait_until(lambda: runner.update_progress().total >= 2001, timeout=30, what="the fan-out")
     for kill in range(12):
         # A random moment, not a synchronisation: whatever the victim is doing then, it dies.
@@ -113,9 +113,10 @@ def test_killing_workers_at_random_moments_fires_the_aggregate_once(
     wait_until(lambda: _drained(env), timeout=30, what="redelivered jobs to run again")
     assert _lines(fired) == ["fired"], f"aggregate calls after 12 kills (seed {seed})"
     progress = runner.update_progress()
-    # Exact completed counts under kills: see test_a_job_killed_around_its_count_counts_once.
+    # A kill can land between recording a job and counting it; exact counts under
+    # such a kill are asserted by test_a_job_killed_around_its_count_counts_once.
     assert (progress.total, progress.failed) == (2001, 0)
-    assert 1990 <= progress.completed <= 2001, f"seed {seed}"
+    assert abs(progress.completed - 2001) <= 12, f"{progress} (seed {seed})"
 
 
 # 2. A crash between "last dependency done" and "aggregate fired" -----------------------------
