@@ -19,6 +19,7 @@ completion will check again).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -58,21 +59,52 @@ class RunScope:
 
 
 class Batches:
-    """The batches of one context: the open one and the sizes of all."""
+    """The batches of one context: the open one and the sizes of all.
 
-    def __init__(self, scope: RunScope, origin: str) -> None:
+    In a job (``replayable``), each allocation of job numbers is recorded
+    under the job's own key, so a redelivered job that executes again gets
+    the same numbers and batches: its children and aggregates are the same
+    jobs again (counted once, fired once), not a second set.
+    """
+
+    def __init__(self, scope: RunScope, origin: str, *, replayable: bool = False) -> None:
         self.scope = scope
         self.origin = origin
+        self.replayable = replayable
         self.current: str | None = None
         self.sizes: dict[str, int] = {}
-        self._made = 0
+        self._allocations = 0
 
-    def join(self, count: int) -> str:
-        """The open batch, opened if needed, grown by ``count`` jobs."""
+    def reserve(self, count: int) -> tuple[int, str]:
+        """Number ``count`` new jobs and count them in the open batch: ``(first, batch)``."""
+        self._allocations += 1
+        store, key = self.scope.backends.store, self.scope.keys.allocation(
+            self.origin, self._allocations)
+        if self.replayable:
+            replayed = self._replay(store.get(key), count)
+            if replayed:
+                return replayed
+        first, batch = allocate(self.scope, count), self._join(count)
+        if self.replayable and not store.add(key, dumps([first, count, batch])):
+            self.sizes[batch] -= count  # a twin execution recorded first: use its numbers
+            replayed = self._replay(store.get(key), count)
+            if replayed:
+                return replayed
+            self.sizes[batch] += count
+        return first, batch
+
+    def _replay(self, raw: bytes | None, count: int) -> tuple[int, str] | None:
+        if raw is None:
+            return None
+        first, recorded, batch = loads(raw)
+        if recorded != count:  # this execution differs from the first: fresh numbers
+            return None
+        self.current = batch
+        self.sizes[batch] = self.sizes.get(batch, 0) + count
+        return first, batch
+
+    def _join(self, count: int) -> str:
         if self.current is None:
-            import uuid  # a redelivered job re-executes: batch ids must not repeat
-
-            self._made += 1
             self.current = f"{self.origin}.{uuid.uuid4().hex[:10]}"
             self.scope.backends.store.add(self.scope.keys.batch_done(self.current), b"0")
             self.sizes[self.current] = 0
@@ -270,9 +302,12 @@ def register_aggregate(
     blocked caller, which the etcd marker wakes.
     """
     sizes = {ref.batch: batches.close(ref.batch) for ref in deps}
-    number = allocate(scope, 1)
-    own_batch = batches.join(1)
-    server, job_id = park(number, own_batch) if park else (-1, 0)
+    number, own_batch = batches.reserve(1)
+    known = aggregate_record(scope, number)  # registered by an earlier execution
+    if known is not None:
+        server, job_id = known["srv"], known["bid"]
+    else:
+        server, job_id = park(number, own_batch) if park else (-1, 0)
     record = {"deps": as_ranges(ref.number for ref in deps), "batches": list(sizes),
               "af": allow_failures, "halt": halt, "srv": server, "bid": job_id, "own": own_batch}
     scope.backends.store.set(scope.keys.aggregate(number), dumps(record))

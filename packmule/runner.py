@@ -164,8 +164,7 @@ class Runner:
         context = self._current_context()
         if not arg_lists:
             return []
-        first = aggregate.allocate(context.scope, len(arg_lists))
-        batch = context.batches.join(len(arg_lists))
+        first, batch = context.batches.reserve(len(arg_lists))
         queue = context.scope.backends.queue
         refs: list[JobRef] = []
         try:

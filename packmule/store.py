@@ -13,15 +13,17 @@ counters are written without a reply.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheError
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from packmule.config import Address, format_address
 from packmule.errors import StoreUnavailable
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class RunKeys:
         """A job's record: its outcome once it finished."""
         return self._key("j", number)
 
+    def allocation(self, origin: str, index: int) -> str:
+        """The job numbers a job's ``index``-th enqueue got, replayed if it runs again."""
+        return self._key("n", origin, index)
+
     def batch(self, batch: str) -> str:
         """A batch's record: its size once closed, and who waits on it."""
         return self._key("b", batch)
@@ -113,107 +119,110 @@ class Store:
         scores = [zlib.crc32(name.encode() + data) for name in self.names]
         return scores.index(max(scores))
 
-    @contextmanager
-    def _on(self, index: int, action: str) -> Iterator[Client]:
-        self.round_trips += 1
-        try:
-            yield self._clients[index]
-        except (MemcacheError, OSError) as err:
-            raise StoreUnavailable(self.names[index], f"memcached {action} failed: {err!r}") from err
+    def _call(self, index: int, action: str, command: Callable[[Client], T]) -> T:
+        """Run ``command`` on server ``index``, naming the server in any error.
 
-    def _client_for(self, key: str, action: str) -> AbstractContextManager[Client]:
-        return self._on(self.server_of(key), action)
+        A socket that broke since its last use (the server restarted) is
+        reconnected and the command sent once more: every command packmule
+        sends tolerates being applied twice (add and cas then say "not
+        stored", a counter runs ahead, which the protocol allows).
+        """
+        self.round_trips += 1
+        for attempt in (1, 2):
+            try:
+                return command(self._clients[index])
+            except (MemcacheUnexpectedCloseError, ConnectionError) as err:
+                if attempt == 2:
+                    raise StoreUnavailable(self.names[index],
+                                           f"memcached {action} failed: {err!r}") from err
+            except (MemcacheError, OSError) as err:
+                raise StoreUnavailable(self.names[index],
+                                       f"memcached {action} failed: {err!r}") from err
+        raise AssertionError("unreachable")
+
+    def _keyed(self, key: str, action: str, command: Callable[[Client], T]) -> T:
+        return self._call(self.server_of(key), action, command)
 
     def add(self, key: str, value: bytes) -> bool:
         """Store ``value`` only if ``key`` is absent; True if this call stored it."""
-        with self._client_for(key, "add") as client:
-            return bool(client.add(key, value, expire=self.ttl, noreply=False))
+        return bool(self._keyed(key, "add", lambda c: c.add(key, value, expire=self.ttl,
+                                                             noreply=False)))
 
     def set(self, key: str, value: bytes, *, index: int | None = None) -> None:
         """Store ``value`` (on server ``index`` if given, else where ``key`` hashes)."""
         where = self.server_of(key) if index is None else index
-        with self._on(where, "set") as client:
-            if not client.set(key, value, expire=self.ttl, noreply=False):
-                raise StoreUnavailable(self.names[where], f"memcached did not store {key}")
+        if not self._call(where, "set", lambda c: c.set(key, value, expire=self.ttl,
+                                                         noreply=False)):
+            raise StoreUnavailable(self.names[where], f"memcached did not store {key}")
 
     def set_many(self, values: dict[str, bytes]) -> None:
         """Store several keys, one pipelined round trip per server."""
         for index, keys in self._by_server(values).items():
-            with self._on(index, "set") as client:
-                failed = client.set_many({k: values[k] for k in keys}, expire=self.ttl,
-                                         noreply=False)
+            group = {k: values[k] for k in keys}
+            failed = self._call(index, "set", lambda c, g=group: c.set_many(  # type: ignore[misc]
+                g, expire=self.ttl, noreply=False))
             if failed:
                 raise StoreUnavailable(self.names[index], f"memcached did not store {failed[:3]}")
 
     def get(self, key: str) -> bytes | None:
         """The value of ``key``, or None if absent (never stored, expired or lost)."""
-        with self._client_for(key, "get") as client:
-            value = client.get(key)
+        value = self._keyed(key, "get", lambda c: c.get(key))
         return value if value is None else bytes(value)
 
     def gets(self, key: str) -> tuple[bytes | None, bytes | None]:
         """``(value, cas token)``, or ``(None, None)`` if absent."""
-        with self._client_for(key, "gets") as client:
-            value, token = client.gets(key)
+        value, token = self._keyed(key, "gets", lambda c: c.gets(key))
         return (None, None) if value is None else (bytes(value), token)
 
     def cas(self, key: str, value: bytes, token: bytes) -> bool:
         """Replace ``key`` if unchanged since ``gets`` gave ``token``; else False."""
-        with self._client_for(key, "cas") as client:
-            return bool(client.cas(key, value, token, expire=self.ttl, noreply=False))
+        return bool(self._keyed(key, "cas", lambda c: c.cas(key, value, token, expire=self.ttl,
+                                                             noreply=False)))
 
     def incr(self, key: str, amount: int = 1) -> int | None:
         """Add to a counter; the new value, or None if the counter does not exist."""
-        with self._client_for(key, "incr") as client:
-            result = client.incr(key, amount, noreply=False)
+        result = self._keyed(key, "incr", lambda c: c.incr(key, amount, noreply=False))
         return None if result is None else int(result)
 
     def incr_quietly(self, key: str, amount: int = 1) -> None:
         """Add to a progress counter without waiting for a reply (it decides nothing)."""
-        with self._client_for(key, "incr") as client:
-            client.incr(key, amount, noreply=True)
+        self._keyed(key, "incr", lambda c: c.incr(key, amount, noreply=True))
 
     def append_quietly(self, key: str, data: bytes) -> None:
         """Append ``data`` to an existing value without waiting (a marker, not state)."""
-        with self._client_for(key, "append") as client:
-            client.append(key, data, expire=self.ttl, noreply=True)
+        self._keyed(key, "append", lambda c: c.append(key, data, expire=self.ttl, noreply=True))
 
     def decr_quietly(self, key: str, amount: int = 1) -> None:
         """Subtract from a progress counter without waiting (memcached stops at 0)."""
-        with self._client_for(key, "decr") as client:
-            client.decr(key, amount, noreply=True)
+        self._keyed(key, "decr", lambda c: c.decr(key, amount, noreply=True))
+
+    def delete(self, key: str, *, index: int | None = None) -> bool:
+        """Remove ``key`` (from server ``index`` if given); True if it was there."""
+        where = self.server_of(key) if index is None else index
+        return bool(self._call(where, "delete", lambda c: c.delete(key, noreply=False)))
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """Values of the present ``keys``: one round trip per server holding some."""
         found: dict[str, bytes] = {}
         for index, group in self._by_server(keys).items():
-            with self._on(index, "get") as client:
-                for chunk_start in range(0, len(group), 5000):
-                    found.update(client.get_many(group[chunk_start:chunk_start + 5000]))
+            for start in range(0, len(group), 5000):
+                chunk = group[start:start + 5000]
+                found.update(self._call(index, "get", lambda c, k=chunk: c.get_many(k)))  # type: ignore[misc]
         return found
-
-    def delete(self, key: str, *, index: int | None = None) -> bool:
-        """Remove ``key`` (from server ``index`` if given); True if it was there."""
-        where = self.server_of(key) if index is None else index
-        with self._on(where, "delete") as client:
-            return bool(client.delete(key, noreply=False))
 
     def get_at(self, index: int, keys: list[str]) -> dict[str, bytes]:
         """Values of ``keys`` read from server ``index`` regardless of hashing."""
-        with self._on(index, "get") as client:
-            return dict(client.get_many(keys))
+        return dict(self._call(index, "get", lambda c: c.get_many(keys)))
 
     def evictions(self, index: int) -> int:
         """How many items server ``index`` evicted since it started (its ``stats``)."""
-        with self._on(index, "stats") as client:
-            stats = client.stats()
+        stats = self._call(index, "stats", lambda c: c.stats())
         return int(stats.get(b"evictions", stats.get("evictions", 0)))
 
     def flush_all(self) -> None:
         """Forget everything on every server (tests of data loss)."""
         for index in range(len(self._clients)):
-            with self._on(index, "flush_all") as client:
-                client.flush_all(noreply=False)
+            self._call(index, "flush_all", lambda c: c.flush_all(noreply=False))
 
     def _by_server(self, keys: Iterable[str]) -> dict[int, list[str]]:
         groups: dict[int, list[str]] = {}
