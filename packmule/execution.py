@@ -84,7 +84,7 @@ def prepare(envelope: Envelope, allowed: frozenset[str]) -> Runner:
     runner._check_method(envelope.method)
     scope = RunScope(envelope.run, envelope.lease,
                      runner.identity, backends(), runner.push_progress_updates)
-    runner._context = Context(scope, Batches(scope, str(envelope.job)), envelope.job,
+    runner._context = Context(scope, Batches(scope, str(envelope.job), replayable=True), envelope.job,
                               envelope.batch)
     return runner
 
