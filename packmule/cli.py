@@ -50,7 +50,10 @@ def _supervise(concurrency: int) -> int:
     if "--concurrency" in sys.argv:
         position = argv.index(sys.argv[sys.argv.index("--concurrency") + 1])
         del argv[position]
-    children = [subprocess.Popen([sys.executable, "-m", "packmule", *argv])
+    # Own sessions: a terminal's Ctrl-C reaches only this parent, which forwards
+    # one signal; a child seeing two (terminal and parent) would exit mid-job.
+    children = [subprocess.Popen([sys.executable, "-m", "packmule", *argv],
+                                 start_new_session=True)
                 for _ in range(concurrency)]
 
     def forward(signum: int, _frame: object) -> None:
