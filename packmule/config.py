@@ -20,7 +20,7 @@ Address = tuple[str, int]
 _SCHEMES = {
     "PACKMULE_BEANSTALKD": ({"beanstalk", "beanstalkd", "tcp"}, 11300),
     "PACKMULE_MEMCACHED": ({"memcache", "memcached", "tcp"}, 11211),
-    "PACKMULE_ETCD": ({"etcd", "http"}, 2379),
+    "PACKMULE_ETCD": ({"etcd", "http", "tcp"}, 2379),
 }
 
 

@@ -102,8 +102,8 @@ def decode(body: bytes) -> Envelope:
     """
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise DecodeError(f"job body is not JSON: {err}") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DecodeError(f"job body is not JSON packmule can read: {err!r}") from err
     if not isinstance(data, dict) or data.get("packmule") != FORMAT:
         raise DecodeError("job body is not a packmule envelope (format 1)")
     for name, kind in _FIELD_TYPES.items():

@@ -94,10 +94,15 @@ def finish(backends: Backends, identity: str, run: str, lease: int, outcome: Out
     if current is not None and current.state == "cancelled":
         return
     state = "done" if outcome.ok else ("lost" if outcome.lost else "failed")
+    final = counts(backends, run) or {}
+    if state == "done" and final:
+        # Every job of a finished run ended: a worker killed between counting a
+        # job and marking it counted (two unanswered writes) counted it twice.
+        final["completed"] = min(final["completed"], final["total"] - final.get("failed", 0))
     write(backends, identity, RunRecord(
         run, lease, state, value=outcome.value, job=None if outcome.ok else outcome.job,
         traceback=outcome.traceback, lost_jobs=list(outcome.lost_jobs),
-        counts=counts(backends, run) or {}, started=current.started if current else 0.0,
+        counts=final, started=current.started if current else 0.0,
         finished=time.time()))
 
 

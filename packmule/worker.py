@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import threading
@@ -201,7 +202,7 @@ class Worker:
                                     cap=self.settings.retry_max_seconds)
             log.warning("job %s %s() raised %r; retry %d/%d in %.1f s", envelope.job,
                         envelope.method, err, attempts, limit, pause)
-            client.release(job, delay=int(pause))
+            client.release(job, delay=math.ceil(pause))
             return
         if execution.handle(runner, envelope, err):
             client.delete(job)
