@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import signal
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,21 +33,6 @@ class Verdict:
 
 
 DELETE = Verdict("delete")
-
-# Test hook, never set in production: ``POINT:FLAG`` makes the first worker
-# that reaches POINT while recording a job's result create the file FLAG and
-# die with SIGKILL (later executions find FLAG and go on). Points:
-#   before-fire: an aggregate's dependencies are all done, its etcd "fired"
-#                marker is not written yet;
-#   after-fire:  the marker is written, a parked aggregate job not kicked yet;
-#   before-count: the job's outcome is recorded, its progress count not sent;
-#   after-count: its progress count is sent, nothing after it is;
-#   after-chain: a job that returned a deferred result (a JobRef) has its
-#                chain registered, and is not deleted from beanstalkd yet.
-# The fault tests use it to crash a worker at those exact moments.
-CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
-_CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-count", "after-chain")
-
 
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
     """The runner class an envelope names, imported only from ``allowed`` modules.
@@ -122,17 +103,13 @@ def record(runner: Runner, envelope: Envelope, result: Any) -> None:
     scope = _scope(runner)
     if isinstance(result, JobRef):
         assert runner._context is not None
-        with _crash_hook(scope):
-            aggregate.register_chain(scope, runner._context.batches, envelope.job,
-                                     envelope.batch, result)
-        if os.environ.get(CRASH_HOOK, "").startswith("after-chain:"):
-            _die_once(os.environ[CRASH_HOOK].partition(":")[2])
+        aggregate.register_chain(scope, runner._context.batches, envelope.job,
+                                 envelope.batch, result)
         return
     outcome = result if isinstance(result, Outcome) else Outcome.done(
         result if runner.record_return_values else None)
     try:
-        with _crash_hook(scope):
-            aggregate.complete(scope, envelope.job, envelope.batch, outcome)
+        aggregate.complete(scope, envelope.job, envelope.batch, outcome)
     except EncodeError as err:
         fail(runner, envelope, f"{envelope.method}() returned a value JSON cannot carry: {err}")
 
@@ -154,53 +131,6 @@ def handle(runner: Runner, envelope: Envelope, err: BaseException) -> bool:
     scope.backends.store.incr_quietly(scope.keys.handled)
     record(runner, envelope, value)
     return True
-
-
-@contextmanager
-def _crash_hook(scope: RunScope) -> Iterator[None]:
-    """While recording, die at the point :data:`CRASH_HOOK` names, if it names one.
-
-    The clients' methods are wrapped on this thread's instances for the
-    duration of the recording only: the protocol code itself is unchanged.
-    """
-    point, _, flag = os.environ.get(CRASH_HOOK, "").partition(":")
-    if point not in _CRASH_POINTS or not flag:
-        yield
-        return
-    coord, store = scope.backends.coord, scope.backends.store
-    create, incr_quietly = coord.create_if_absent, store.incr_quietly
-
-    def create_then_maybe_die(key: str, value: bytes, *, lease: int = 0) -> bool:
-        fired = key.endswith("/fired")
-        if fired and point == "before-fire":
-            _die_once(flag)
-        created = create(key, value, lease=lease)
-        if fired and point == "after-fire":
-            _die_once(flag)
-        return created
-
-    def maybe_die_then_incr(key: str, amount: int = 1) -> None:
-        if key == scope.keys.completed and point == "before-count":
-            _die_once(flag)
-        incr_quietly(key, amount)
-        if key == scope.keys.completed and point == "after-count":
-            _die_once(flag)
-
-    coord.create_if_absent = create_then_maybe_die  # type: ignore[method-assign]
-    store.incr_quietly = maybe_die_then_incr  # type: ignore[method-assign]
-    try:
-        yield
-    finally:  # drop the instance attributes: the methods show again
-        del coord.create_if_absent
-        del store.incr_quietly
-
-
-def _die_once(flag: str) -> None:
-    try:
-        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _scope(runner: Runner) -> RunScope:

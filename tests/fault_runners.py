@@ -6,6 +6,9 @@ Side effects the tests count go to files named by environment variables
 - ``PACKMULE_TEST_COUNT_FILE``: one ``fired`` line per aggregate call.
 - ``PACKMULE_TEST_EXEC_FILE``: one line per execution of a counted job.
 - ``PACKMULE_TEST_FIX_FILE``: while this file is absent, "broken" jobs raise.
+
+Importing it installs the crash hook of :mod:`crash_hook` when
+``PACKMULE_TEST_CRASH_AT`` is set.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+import crash_hook  # noqa: F401  (wraps packmule.execution.record when its variable is set)
 
 from packmule import Failure, Runner
 

@@ -23,11 +23,11 @@ from typing import Any
 import greenstalk
 import pytest
 from conftest import ROOT, Workers, wait_until
+from crash_hook import CRASH_HOOK
 from fault_runners import Counted, Flaky, Handled, LongJob, Tolerant, TolerantInWorker
 
 import packmule
 from packmule.backends import backends
-from packmule.execution import CRASH_HOOK
 from packmule.servers import LocalServers
 
 

@@ -1,0 +1,121 @@
+"""Test-only crash hook: kill a worker at an exact moment of recording a job's result.
+
+Workers import it through ``fault_runners``. When :data:`CRASH_HOOK` is set
+to ``POINT:FLAG`` at import time, ``packmule.execution.record`` is wrapped so
+that the first worker reaching POINT while recording a job's result creates
+the file FLAG and dies with SIGKILL (later executions find FLAG and go on).
+Points:
+
+- ``before-fire``: an aggregate's dependencies are all done, its etcd
+  "fired" marker is not written yet;
+- ``after-fire``: the marker is written, a parked aggregate job not kicked yet;
+- ``before-count``: the job's outcome is recorded, its progress count not sent;
+- ``after-count``: its progress count is sent, nothing after it is;
+- ``after-chain``: a job that returned a deferred result (a JobRef) has its
+  chain registered, and is not deleted from beanstalkd yet.
+
+The worker calls ``execution.record(...)`` (and ``execution.handle`` calls
+``record`` through the module's globals), so replacing the module attribute
+reaches every recording; packmule itself carries no trace of the hook.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from packmule import execution
+from packmule.aggregate import RunScope
+from packmule.envelope import Envelope
+from packmule.jobref import JobRef
+from packmule.runner import Runner
+
+CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
+_CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-count", "after-chain")
+
+_record = execution.record
+_fail = execution.fail
+_local = threading.local()  # .armed: this thread is inside a hooked recording
+
+
+def _armed() -> bool:
+    return bool(getattr(_local, "armed", False))
+
+
+def record(runner: Runner, envelope: Envelope, result: Any) -> None:
+    """``execution.record``, dying at the point :data:`CRASH_HOOK` names."""
+    assert runner._context is not None
+    with _crash_hook(runner._context.scope):
+        _record(runner, envelope, result)
+    if isinstance(result, JobRef) and os.environ.get(CRASH_HOOK, "").startswith("after-chain:"):
+        _die_once(os.environ[CRASH_HOOK].partition(":")[2])
+
+
+def fail(runner: Runner, envelope: Envelope, text: str) -> None:
+    """``execution.fail``, never hooked: ``record`` recording a value JSON cannot
+    carry as a failure is outside the recording the hook watches."""
+    armed = _armed()
+    _local.armed = False
+    try:
+        _fail(runner, envelope, text)
+    finally:
+        _local.armed = armed
+
+
+@contextmanager
+def _crash_hook(scope: RunScope) -> Iterator[None]:
+    """While recording, die at the point :data:`CRASH_HOOK` names, if it names one.
+
+    The clients' methods are wrapped on this thread's instances for the
+    duration of the recording only: the protocol code itself is unchanged.
+    """
+    point, _, flag = os.environ.get(CRASH_HOOK, "").partition(":")
+    if point not in _CRASH_POINTS or not flag:
+        yield
+        return
+    coord, store = scope.backends.coord, scope.backends.store
+    create, incr_quietly = coord.create_if_absent, store.incr_quietly
+
+    def create_then_maybe_die(key: str, value: bytes, *, lease: int = 0) -> bool:
+        fired = _armed() and key.endswith("/fired")
+        if fired and point == "before-fire":
+            _die_once(flag)
+        created = create(key, value, lease=lease)
+        if fired and point == "after-fire":
+            _die_once(flag)
+        return created
+
+    def maybe_die_then_incr(key: str, amount: int = 1) -> None:
+        completed = _armed() and key == scope.keys.completed
+        if completed and point == "before-count":
+            _die_once(flag)
+        incr_quietly(key, amount)
+        if completed and point == "after-count":
+            _die_once(flag)
+
+    coord.create_if_absent = create_then_maybe_die  # type: ignore[method-assign]
+    store.incr_quietly = maybe_die_then_incr  # type: ignore[method-assign]
+    _local.armed = True
+    try:
+        yield
+    finally:  # drop the instance attributes: the methods show again
+        _local.armed = False
+        del coord.create_if_absent
+        del store.incr_quietly
+
+
+def _die_once(flag: str) -> None:
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if os.environ.get(CRASH_HOOK):
+    execution.record = record
+    execution.fail = fail
