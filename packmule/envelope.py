@@ -10,7 +10,7 @@ JSON has no spelling for them and a silent ``null`` would be a wrong value.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from packmule.errors import DecodeError, EncodeError
@@ -75,7 +75,9 @@ def check_args(method: str, args: tuple[Any, ...] | list[Any]) -> None:
 
 def encode(envelope: Envelope) -> bytes:
     """The job body for ``envelope``; arguments must already be checked."""
-    return dumps({"packmule": FORMAT, **asdict(envelope)}, what=f"job {envelope.method}")
+    # vars(), not dataclasses.asdict(): asdict deep-copies the arguments, a
+    # third of enqueue_each's time.
+    return dumps({"packmule": FORMAT, **vars(envelope)}, what=f"job {envelope.method}")
 
 
 _FIELD_TYPES = {

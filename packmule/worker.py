@@ -16,6 +16,9 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -31,42 +34,65 @@ from packmule.retry import backoff_seconds
 log = logging.getLogger("packmule.worker")
 
 
+@dataclass
+class _Watched:
+    client: greenstalk.Client[bytes]
+    job: greenstalk.Job[bytes]
+    interval: float
+    cancelled: Callable[[], bool]
+    target: int
+
+
 class KeepAlive:
     """Touches the reserved job while it runs, on the connection that reserved it.
 
-    beanstalkd accepts `touch` only on that connection; a lock keeps the loop
-    and this thread from interleaving commands on it. If the job's run is
-    cancelled, the job is interrupted with JobCancelled at the next tick.
+    One thread per worker, armed for each job (starting a thread per job cost
+    a third of a worker's CPU). beanstalkd accepts `touch` only on the
+    reserving connection, so touches happen under the condition's lock and
+    disarming waits for a touch in flight: the loop never shares the socket.
+    If the job's run is cancelled, the job is interrupted with JobCancelled.
     """
 
-    def __init__(self, client: greenstalk.Client[bytes], lock: threading.Lock, job: greenstalk.Job[bytes],
-                 ttr_seconds: float, cancelled: Any) -> None:
-        self._client, self._lock, self._job = client, lock, job
-        self._interval = max(0.5, ttr_seconds / 3)
-        self._cancelled = cancelled
-        self._done = threading.Event()
-        self._target = threading.get_ident()
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: _Watched | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-keepalive")
-
-    def __enter__(self) -> KeepAlive:
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
+    @contextmanager
+    def watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
+                 ttr_seconds: float, cancelled: Callable[[], bool]) -> Iterator[None]:
+        """Keep ``job`` alive while the body runs."""
+        with self._cond:
+            self._watched = _Watched(client, job, max(0.5, ttr_seconds / 3), cancelled,
+                                     threading.get_ident())
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._watched = None
+                self._cond.notify()
 
     def _run(self) -> None:
-        while not self._done.wait(self._interval):
-            try:
-                with self._lock:
-                    self._client.touch(self._job)
-                if self._cancelled():
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                        ctypes.c_ulong(self._target), ctypes.py_object(JobCancelled))
-                    return
-            except (OSError, greenstalk.Error, PackmuleError) as err:
-                log.warning("keep-alive of job %s failed: %r", self._job.id, err)
+        with self._cond:
+            while True:
+                while self._watched is None:
+                    self._cond.wait()
+                watched = self._watched
+                self._cond.wait(watched.interval)
+                if self._watched is watched:
+                    self._touch(watched)
+
+    def _touch(self, watched: _Watched) -> None:
+        try:
+            watched.client.touch(watched.job)
+            if watched.cancelled():
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(watched.target), ctypes.py_object(JobCancelled))
+                self._watched = None
+        except (OSError, greenstalk.Error, PackmuleError) as err:
+            log.warning("keep-alive of job %s failed: %r", watched.job.id, err)
 
 
 class Worker:
@@ -80,7 +106,7 @@ class Worker:
         self.burst = burst
         self.stopping = False
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
-        self._lock = threading.Lock()
+        self._keepalive = KeepAlive()
         self._next = 0
 
     def run(self) -> None:
@@ -177,7 +203,7 @@ class Worker:
             return
         ttr = runner.time_to_run or self.settings.ttr_seconds
         try:
-            with KeepAlive(client, self._lock, job, ttr, lambda: execution.cancelled(runner)):
+            with self._keepalive.watching(client, job, ttr, lambda: execution.cancelled(runner)):
                 result = execution.execute(runner, envelope)
         except JobCancelled:
             client.delete(job)
