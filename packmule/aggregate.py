@@ -185,10 +185,10 @@ def batches_state(scope: RunScope, batches: list[str]) -> str:
 
 def read_outcomes(scope: RunScope, numbers: list[int]) -> dict[int, Outcome | None]:
     """The recorded outcome of each job (None: not finished, or lost)."""
-    keys = scope.keys
-    found = scope.backends.store.get_many(keys.job(n) for n in numbers)
-    return {n: (Outcome.decode(found[keys.job(n)]) if keys.job(n) in found else None)
-            for n in numbers}
+    names = [scope.keys.job(n) for n in numbers]
+    found = scope.backends.store.get_many(names)
+    return {n: (None if (raw := found.get(name)) is None else Outcome.decode(raw))
+            for n, name in zip(numbers, names, strict=True)}
 
 
 def report_loss(scope: RunScope, jobs: list[int], why: str) -> None:

@@ -93,7 +93,7 @@ class Outcome:
         """The outcome a record holds."""
         record = loads(data)
         if "v" in record:
-            return cls.done(record["v"])
+            return cls(True, record["v"])
         lost = record.get("lost")
         return cls(False, job=record["f"], traceback=record["tb"], own=record["own"],
                    lost=lost is not None, lost_jobs=tuple(lost or ()))
