@@ -46,10 +46,11 @@ def worker(imports: tuple[str, ...], tubes: tuple[str, ...], concurrency: int,
 
 def _supervise(concurrency: int) -> int:
     """Run ``concurrency`` single workers as child processes; forward stop signals."""
-    argv = [a for a in sys.argv[1:] if not a.startswith("--concurrency")]
-    if "--concurrency" in sys.argv:
-        position = argv.index(sys.argv[sys.argv.index("--concurrency") + 1])
-        del argv[position]
+    argv = sys.argv[1:]
+    if "--concurrency" in argv:  # drop the option and its value, by position
+        position = argv.index("--concurrency")
+        argv = argv[:position] + argv[position + 2:]
+    argv = [a for a in argv if not a.startswith("--concurrency=")]
     # Own sessions: a terminal's Ctrl-C reaches only this parent, which forwards
     # one signal; a child seeing two (terminal and parent) would exit mid-job.
     children = [subprocess.Popen([sys.executable, "-m", "packmule", *argv],
@@ -108,10 +109,8 @@ def demo(naps: int, workers: int) -> None:
     examples = Path(__file__).resolve().parent.parent / "examples"
     with start_local_servers() as local:
         os.environ.update(local.env())
-        configure(**{k.lower(): v for k, v in (
-            ("beanstalkd", local.env()["PACKMULE_BEANSTALKD"]),
-            ("memcached", local.env()["PACKMULE_MEMCACHED"]),
-            ("etcd", local.env()["PACKMULE_ETCD"]))})
+        configure(beanstalkd=local.env()["PACKMULE_BEANSTALKD"],
+                  memcached=local.env()["PACKMULE_MEMCACHED"], etcd=local.env()["PACKMULE_ETCD"])
         env = {**os.environ, "PYTHONPATH": str(examples)}
         procs = [subprocess.Popen([sys.executable, "-m", "packmule", "--log-level", "WARNING",
                                    "worker", "--import", "sleepy_runner"], env=env)
@@ -123,7 +122,11 @@ def demo(naps: int, workers: int) -> None:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
-                proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def _run_demo(examples: Path, naps: int) -> None:

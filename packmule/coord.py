@@ -19,6 +19,7 @@ from typing import Any
 
 import etcd3
 import etcd3.watch
+import grpc
 
 from packmule.config import Address, format_address
 from packmule.errors import CoordinatorUnavailable
@@ -46,7 +47,7 @@ class Coordinator:
     def _naming(self, action: str) -> Iterator[None]:
         try:
             yield
-        except (etcd3.exceptions.Etcd3Exception, OSError, ValueError) as err:
+        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError, OSError, ValueError) as err:
             raise CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}") from err
 
     # Keys -----------------------------------------------------------------
@@ -99,13 +100,20 @@ class Coordinator:
         def on_event(_response: Any) -> None:
             wake.set()
 
-        with self._naming("watch"):
-            ids = [self._client.add_watch_prefix_callback(p, on_event) for p in prefixes]
+        ids: list[int] = []
 
         def cancel() -> None:
             for watch_id in ids:
                 with suppress(Exception):
                     self._client.cancel_watch(watch_id)
+
+        try:
+            with self._naming("watch"):
+                for prefix in prefixes:
+                    ids.append(self._client.add_watch_prefix_callback(prefix, on_event))
+        except CoordinatorUnavailable:
+            cancel()
+            raise
         return cancel
 
     def close(self) -> None:

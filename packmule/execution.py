@@ -26,13 +26,9 @@ log = logging.getLogger("packmule.worker")
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the loop does with the job: ``delete``, ``bury``, ``retry`` or ``park``."""
+    """An aggregate job kicked before its dependencies finished: park it again."""
 
-    action: str
-    reason: str = ""
-
-
-DELETE = Verdict("delete")
+    reason: str
 
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
     """The runner class an envelope names, imported only from ``allowed`` modules.
@@ -90,7 +86,7 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
     values, lost = aggregate.gather(scope, record)
     failed = any(isinstance(v, Failure) for v in values)
     if (lost and not runs.state_lost(scope.backends, scope.run)) or (failed and not record["af"]):
-        return Verdict("park", "kicked before its dependencies finished")
+        return Verdict("kicked before its dependencies finished")
     if lost and record["halt"]:
         return Outcome.missing(lost, "memcached lost the values of jobs")
     if lost:

@@ -55,13 +55,6 @@ class Queue:
         """The pool index that job ``number`` goes to."""
         return number % len(self.addresses)
 
-    def index_of(self, name: str) -> int:
-        """Pool index of the server called ``host:port``."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise QueueUnavailable(name, "not in the configured beanstalkd pool") from None
-
     def _client(self, index: int) -> greenstalk.Client[bytes]:
         if index not in self._clients:
             self._clients[index] = connect(self.addresses[index], self._timeout)

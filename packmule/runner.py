@@ -77,8 +77,6 @@ class Runner:
     max_retries: ClassVar[int | None] = None
     halt_on_data_loss: ClassVar[bool] = True
 
-    _API: ClassVar[frozenset[str]] = frozenset()
-
     def __init__(self, name: str = "default", **options: Any) -> None:
         if not isinstance(name, str) or not name or len(name) > 200 or "\n" in name:
             raise ConfigurationError(f"runner name {name!r}: a non-empty line of at most 200 chars")
@@ -177,7 +175,8 @@ class Runner:
             unput = len(arg_lists) - len(refs)
             if unput:  # too big, or a server failed: uncount what was never put
                 context.batches.sizes[batch] -= unput
-                context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
+                if not context.batches.replayable:  # a job's next attempt replays these numbers
+                    context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
         return refs
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],

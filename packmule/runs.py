@@ -99,6 +99,8 @@ def finish(backends: Backends, identity: str, run: str, lease: int, outcome: Out
         # Every job of a finished run ended: a worker killed between counting a
         # job and marking it counted (two unanswered writes) counted it twice.
         final["completed"] = min(final["completed"], final["total"] - final.get("failed", 0))
+    # A fresh lease: the record stays result_ttl_seconds from the end, not the start.
+    lease = backends.coord.grant_lease(backends.settings.result_ttl_seconds)
     write(backends, identity, RunRecord(
         run, lease, state, value=outcome.value, job=None if outcome.ok else outcome.job,
         traceback=outcome.traceback, lost_jobs=list(outcome.lost_jobs),

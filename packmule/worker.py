@@ -17,14 +17,15 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import greenstalk
 
-from packmule import execution
+from packmule import execution, runs
+from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import decode
 from packmule.errors import JobCancelled, PackmuleError, ServerError
@@ -125,10 +126,17 @@ class Worker:
                 failures = 0
             except ServerError as err:
                 failures += 1
-                self._clients.clear()
+                self._close_clients()
                 pause = backoff_seconds(failures, base=0.2, cap=5.0)
                 log.warning("%s; retrying in %.1f s", err, pause)
                 time.sleep(pause)
+
+    def _close_clients(self) -> None:
+        """Close the reserving connections (their reserved jobs go back to ready)."""
+        for client in self._clients.values():
+            with suppress(OSError):
+                client.close()
+        self._clients.clear()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping:
@@ -187,6 +195,8 @@ class Worker:
             self._execute(client, job, runner, envelope)
         except ServerError:
             raise
+        except JobCancelled:  # the keep-alive's interruption can land just after the job ran
+            client.delete(job)
         except Exception:  # e.g. a bad option value, a returned JobRef of another context
             # One job's trouble must not stop the worker (every worker would meet
             # the job in turn): fail it, so a waiting caller hears of it, and bury it.
@@ -203,7 +213,9 @@ class Worker:
             return
         ttr = runner.time_to_run or self.settings.ttr_seconds
         try:
-            with self._keepalive.watching(client, job, ttr, lambda: execution.cancelled(runner)):
+            # The keep-alive thread must use its own connections: backends() there.
+            with self._keepalive.watching(
+                    client, job, ttr, lambda: runs.is_cancelled(backends(), envelope.run)):
                 result = execution.execute(runner, envelope)
         except JobCancelled:
             client.delete(job)
