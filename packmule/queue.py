@@ -8,8 +8,9 @@ waiting in the delayed state, a buried job) can be found again.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
 
 import greenstalk
 
@@ -19,6 +20,7 @@ from packmule.errors import JobTooBig, QueueUnavailable
 # beanstalkd's largest delay is 2**32 - 1 seconds; an aggregate waits as a
 # delayed job for about 68 years, and firing it is an idempotent kick-job.
 PARK_SECONDS = 2**31
+T = TypeVar("T")
 _CLIENT_ERRORS = (OSError, greenstalk.Error, greenstalk.UnknownResponseError)
 
 
@@ -71,6 +73,20 @@ class Queue:
             self._drop(index)
             raise
 
+    def _retrying(self, index: int, action: str, command: Callable[[greenstalk.Client[bytes]], T]) -> T:
+        """Run a command that is safe to repeat, reconnecting once if the socket went stale.
+
+        After a server restart the first command on an old connection fails
+        even though the server is back. Never used for ``put``: a put whose
+        reply was lost may have been stored, and a second one would double it.
+        """
+        try:
+            with self._session(index, action) as client:
+                return command(client)
+        except QueueUnavailable:
+            with self._session(index, action) as client:
+                return command(client)
+
     def _drop(self, index: int) -> None:
         client = self._clients.pop(index, None)
         self._using.pop(index, None)
@@ -81,8 +97,8 @@ class Queue:
     def max_job_size(self, index: int) -> int:
         """The server's ``max-job-size`` (its ``-z``), asked once per server."""
         if index not in self._max_size:
-            with self._session(index, "stats") as client:
-                self._max_size[index] = int(client.stats()["max-job-size"])
+            stats = self._retrying(index, "stats", lambda client: client.stats())
+            self._max_size[index] = int(stats["max-job-size"])
         return self._max_size[index]
 
     def put(
@@ -113,12 +129,14 @@ class Queue:
 
         Idempotent: kicking a job already ready, reserved or deleted is a no-op.
         """
-        with self._session(index, "kick-job") as client:
+        def kick(client: greenstalk.Client[bytes]) -> bool:
             try:
                 client.kick_job(job_id)
                 return True
             except greenstalk.NotFoundError:
                 return False
+
+        return self._retrying(index, "kick-job", kick)
 
     def kick_buried(self, index: int, tube: str, limit: int) -> list[int]:
         """Kick up to ``limit`` buried jobs of ``tube`` one by one; returns their ids.
@@ -141,20 +159,24 @@ class Queue:
 
     def delete(self, index: int, job_id: int) -> bool:
         """Delete job ``job_id`` wherever it is; False if it is gone already."""
-        with self._session(index, "delete") as client:
+        def delete(client: greenstalk.Client[bytes]) -> bool:
             try:
                 client.delete(job_id)
                 return True
             except greenstalk.NotFoundError:
                 return False
 
+        return self._retrying(index, "delete", delete)
+
     def tube_stats(self, index: int, tube: str) -> dict[str, int]:
         """``stats-tube`` of ``tube`` on server ``index`` (zeros for an unused tube)."""
-        with self._session(index, "stats-tube") as client:
+        def stats_tube(client: greenstalk.Client[bytes]) -> dict[str, Any]:
             try:
-                stats = client.stats_tube(tube)
+                return dict(client.stats_tube(tube))
             except greenstalk.NotFoundError:
                 return {}
+
+        stats = self._retrying(index, "stats-tube", stats_tube)
         return {k: int(v) for k, v in stats.items() if isinstance(v, int | str) and str(v).isdigit()}
 
     def close(self) -> None:
