@@ -55,6 +55,9 @@ class Settings:
     # A waiting caller re-checks that the run's state still exists this often
     # (doubling from the first value up to the second) between etcd wake-ups.
     health_check_seconds: tuple[float, float] = (0.25, 2.0)
+    # A waiting caller rides out a server that is unreachable for this long (a
+    # restart) before raising the error that names it.
+    server_grace_seconds: float = 15.0
     # Workers cache a run's "cancelled" flag this long, to keep it off the per-job path.
     cancel_check_seconds: float = 0.5
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from packmule.errors import (
     ResultPending,
     RunCancelled,
     RunFailed,
+    ServerError,
     UnknownMethod,
     UnknownRun,
 )
@@ -376,18 +378,34 @@ def _wait_for_marker(scope: RunScope, number: int) -> None:
     wake = threading.Event()
     stop_watch = coord.watch_prefixes([prefix, coord.run_lost_key(scope.run)], wake)
     pauses = doubling(*scope.backends.settings.health_check_seconds)
+    down_since: float | None = None
     try:
         for step in itertools.count():
-            markers = coord.get_prefix(prefix)
-            if prefix + "fired" in markers:
-                return
-            _raise_for_markers(scope, number, markers, prefix)
-            if runs.is_cancelled(scope.backends, scope.run):
-                raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
+            try:
+                if _check_aggregate(scope, number, prefix):
+                    return
+                down_since = None
+            except ServerError:
+                # A server restarting is down for a moment: keep waiting, but not
+                # forever: past the grace the error (naming the server) is raised.
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > scope.backends.settings.server_grace_seconds:
+                    raise
             wake.wait(pauses[min(step, len(pauses) - 1)])
             wake.clear()
     finally:
         stop_watch()
+
+
+def _check_aggregate(scope: RunScope, number: int, prefix: str) -> bool:
+    """True if the aggregate fired; raises if it failed, was cancelled or lost its state."""
+    markers = scope.backends.coord.get_prefix(prefix)
+    if prefix + "fired" in markers:
+        return True
+    _raise_for_markers(scope, number, markers, prefix)
+    if runs.is_cancelled(scope.backends, scope.run):
+        raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
+    return False
 
 
 def _raise_for_markers(scope: RunScope, number: int, markers: dict[str, bytes],
