@@ -382,6 +382,15 @@ def _fire(scope: RunScope, number: int, record: dict[str, Any]) -> None:
         scope.backends.queue.kick_job(record["srv"], record["bid"])
 
 
+def account_for_loss(scope: RunScope, record: dict[str, Any], lost: list[int]) -> Outcome | None:
+    """The loss that stops an aggregate (``halt``), or None: lost slots then hold MISSING, counted."""
+    if lost and record["halt"]:
+        return Outcome.missing(lost, "memcached lost the values of jobs")
+    if lost:
+        scope.backends.store.incr_quietly(scope.keys.lost, len(lost))
+    return None
+
+
 def gather(scope: RunScope, record: dict[str, Any]) -> tuple[list[Any], list[int]]:
     """The values an aggregate is called with, and the jobs whose values were lost."""
     deps = from_ranges(record["deps"])

@@ -30,6 +30,7 @@ class Verdict:
 
     reason: str
 
+
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
     """The runner class an envelope names, imported only from ``allowed`` modules.
 
@@ -87,10 +88,9 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
     failed = any(isinstance(v, Failure) for v in values)
     if (lost and not runs.state_lost(scope.backends, scope.run)) or (failed and not record["af"]):
         return Verdict("kicked before its dependencies finished")
-    if lost and record["halt"]:
-        return Outcome.missing(lost, "memcached lost the values of jobs")
-    if lost:
-        scope.backends.store.incr_quietly(scope.keys.lost, len(lost))
+    loss = aggregate.account_for_loss(scope, record, lost)
+    if loss is not None:
+        return loss
     return getattr(runner, envelope.method)(values, *envelope.args)
 
 

@@ -87,6 +87,18 @@ class Queue:
             with self._session(index, action) as client:
                 return command(client)
 
+    def _found(self, index: int, action: str,
+               command: Callable[[greenstalk.Client[bytes]], object]) -> bool:
+        """Run a repeatable command on one job; False if beanstalkd has no such job."""
+        def attempt(client: greenstalk.Client[bytes]) -> bool:
+            try:
+                command(client)
+                return True
+            except greenstalk.NotFoundError:
+                return False
+
+        return self._retrying(index, action, attempt)
+
     def _drop(self, index: int) -> None:
         client = self._clients.pop(index, None)
         self._using.pop(index, None)
@@ -107,14 +119,9 @@ class Queue:
         """Put ``body`` on server ``index``; returns beanstalkd's job id.
 
         Raises:
-            JobTooBig: naming the size and the server's limit; nothing was put.
+            JobTooBig: the server refused the size (Runner checks it first, naming the limit).
             QueueUnavailable: the server is unreachable.
         """
-        limit = self.max_job_size(index)
-        if len(body) > limit:
-            raise JobTooBig(
-                f"job of {len(body)} bytes exceeds max-job-size {limit} of {self.names[index]}"
-            )
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:
                 client.use(tube)
@@ -129,14 +136,7 @@ class Queue:
 
         Idempotent: kicking a job already ready, reserved or deleted is a no-op.
         """
-        def kick(client: greenstalk.Client[bytes]) -> bool:
-            try:
-                client.kick_job(job_id)
-                return True
-            except greenstalk.NotFoundError:
-                return False
-
-        return self._retrying(index, "kick-job", kick)
+        return self._found(index, "kick-job", lambda client: client.kick_job(job_id))
 
     def kick_buried(self, index: int, tube: str, limit: int) -> list[int]:
         """Kick up to ``limit`` buried jobs of ``tube`` one by one; returns their ids.
@@ -159,14 +159,7 @@ class Queue:
 
     def delete(self, index: int, job_id: int) -> bool:
         """Delete job ``job_id`` wherever it is; False if it is gone already."""
-        def delete(client: greenstalk.Client[bytes]) -> bool:
-            try:
-                client.delete(job_id)
-                return True
-            except greenstalk.NotFoundError:
-                return False
-
-        return self._retrying(index, "delete", delete)
+        return self._found(index, "delete", lambda client: client.delete(job_id))
 
     def tube_stats(self, index: int, tube: str) -> dict[str, int]:
         """``stats-tube`` of ``tube`` on server ``index`` (zeros for an unused tube)."""

@@ -39,7 +39,7 @@ from packmule.errors import (
 from packmule.jobref import JobRef
 from packmule.outcome import Outcome
 from packmule.progress import Progress, read_progress
-from packmule.queue import PARK_SECONDS
+from packmule.queue import PARK_SECONDS, Queue
 from packmule.retry import doubling
 from packmule.runs import RunRecord
 
@@ -170,8 +170,8 @@ class Runner:
         try:
             bodies = [self._body(context, first + i, batch, method, list(a))
                       for i, a in enumerate(arg_lists)]
-            for offset, body in enumerate(bodies):
-                index = self._put(queue, first + offset, body, delay=0)[0]
+            for offset, (index, body) in enumerate(bodies):
+                self._put(queue, index, body, delay=0)
                 refs.append(JobRef(first + offset, queue.names[index], context.scope.run, batch))
         finally:
             unput = len(arg_lists) - len(refs)
@@ -182,7 +182,8 @@ class Runner:
         return refs
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
-              **extra: Any) -> bytes:
+              **extra: Any) -> tuple[int, bytes]:
+        """The job's body and the pool index of its server; JobTooBig before anything is put."""
         # The tube travels with the job: a run's jobs stay in the tube it began in,
         # whatever the worker's own default tube is.
         options = {**self.options, "tube": self.tube_name}
@@ -195,13 +196,11 @@ class Runner:
         if len(body) > limit:
             raise JobTooBig(f"job {method}() of {len(body)} bytes exceeds max-job-size {limit} "
                             f"of {queue.names[index]}")
-        return body
+        return index, body
 
-    def _put(self, queue: Any, number: int, body: bytes, *, delay: float) -> tuple[int, int]:
-        index = queue.server_for(number)
+    def _put(self, queue: Queue, index: int, body: bytes, *, delay: float) -> int:
         ttr = self.time_to_run or self._backends.settings.ttr_seconds
-        return index, queue.put(index, self.tube_name, body, priority=self.priority,
-                                delay=delay, ttr=ttr)
+        return queue.put(index, self.tube_name, body, priority=self.priority, delay=delay, ttr=ttr)
 
     # Bring back ----------------------------------------------------------------
     def deferred_result(self, method: str, jobs: Iterable[JobRef], *args: Any,
@@ -226,8 +225,8 @@ class Runner:
             return self._await(context, ref, lambda values: getattr(self, method)(values, *args))
 
         def park(number: int, batch: str) -> tuple[int, int]:
-            body = self._body(context, number, batch, method, list(args), aggregate=True)
-            return self._put(context.scope.backends.queue, number, body, delay=PARK_SECONDS)
+            index, body = self._body(context, number, batch, method, list(args), aggregate=True)
+            return index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
 
         return aggregate.register_aggregate(
             context.scope, context.batches, deps, park=park,
@@ -256,11 +255,9 @@ class Runner:
         if record is None:
             raise ResultMissing(f"run {scope.run}: the aggregate's description was lost", [ref])
         values, lost = aggregate.gather(scope, record)
-        if lost and self.halt_on_data_loss:
-            raise ResultMissing("memcached lost the values of jobs",
-                                [scope.ref(n) for n in lost])
-        if lost:
-            scope.backends.store.incr_quietly(scope.keys.lost, len(lost))
+        loss = aggregate.account_for_loss(scope, record, lost)
+        if loss is not None:
+            raise ResultMissing(loss.traceback, [scope.ref(n) for n in loss.lost_jobs])
         value = call(values)
         if isinstance(value, JobRef):
             value = self.wait(value)
@@ -277,8 +274,8 @@ class Runner:
         context = Context(scope, Batches(scope, "root"))
         try:
             scope.backends.store.add(scope.keys.batch_done("root"), b"0")
-            body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
-            index = self._put(scope.backends.queue, ROOT_JOB, body, delay=0)[0]
+            index, body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
+            self._put(scope.backends.queue, index, body, delay=0)
         except BaseException as err:  # the run never started: say so, not "running"
             runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err))
             raise
