@@ -7,13 +7,13 @@ waiting in the delayed state, a buried job) can be found again.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import greenstalk
 
+from packmule import sockets
 from packmule.config import Address, format_address
 from packmule.errors import JobTooBig, QueueUnavailable
 
@@ -38,8 +38,7 @@ def naming(address: str, action: str) -> Iterator[None]:
 def connect(address: Address, timeout_seconds: float) -> greenstalk.Client[bytes]:
     """A greenstalk client with a socket timeout, so a dead server cannot hang us."""
     with naming(format_address(address), "connect"):
-        sock = socket.create_connection(address, timeout=timeout_seconds)
-        return greenstalk.Client(sock, encoding=None)
+        return greenstalk.Client(sockets.connect(address, timeout_seconds), encoding=None)
 
 
 class Queue:

@@ -22,6 +22,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from packmule.config import Address, format_address
 from packmule.errors import StoreUnavailable
+from packmule.sockets import KernelTimedSockets
 
 T = TypeVar("T")
 
@@ -105,8 +106,8 @@ class Store:
         self.names = [format_address(a) for a in addresses]
         self.ttl = ttl_seconds
         self._clients = [
-            Client(a, connect_timeout=timeout_seconds, timeout=timeout_seconds,
-                   no_delay=True, default_noreply=False)
+            Client(a, connect_timeout=timeout_seconds, timeout=None, no_delay=True,
+                   default_noreply=False, socket_module=KernelTimedSockets(timeout_seconds))
             for a in addresses
         ]
         self.round_trips = 0  # counted for tests and benchmarks of O(1) reads

@@ -7,6 +7,8 @@ test's tube afterwards (``stats-tube``) and progress counted none.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -131,3 +133,25 @@ def test_an_unreachable_server_is_named_by_its_address(
     assert caught.value.address == "127.0.0.1:1"
     if setting == "beanstalkd":  # etcd and memcached answer: the refused run is not "running"
         assert Counted("unreachable").update_progress().state != "running"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("setting", "error"), [
+    ("beanstalkd", packmule.QueueUnavailable),
+    ("memcached", packmule.StoreUnavailable),
+])
+def test_a_silent_server_times_out_naming_it(
+        env: dict[str, str], setting: str, error: type[packmule.ServerError]) -> None:
+    """A server that accepts connections but never answers fails within the timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        scheme = {"beanstalkd": "beanstalk", "memcached": "memcached"}[setting]
+        packmule.configure(**{setting: f"{scheme}://{address}"}, socket_timeout_seconds=0.5)
+        started = time.monotonic()
+        with pytest.raises(error) as caught:
+            Counted("silent").enqueue("echo", [1, 0])
+        assert time.monotonic() - started < 5
+    assert caught.value.address == address
+    assert "TimeoutError" in str(caught.value), str(caught.value)
