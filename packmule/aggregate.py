@@ -31,7 +31,7 @@ from packmule.envelope import dumps, loads
 from packmule.errors import EnqueueError, ResultMissing
 from packmule.jobref import JobRef
 from packmule.outcome import MISSING, Failure, Outcome
-from packmule.store import RunKeys
+from packmule.store import Quiet, RunKeys
 
 ROOT_JOB = 0
 Waiter = list[Any]  # ["a", aggregate] or ["c", chained job, source job, chained job's batch]
@@ -205,12 +205,12 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome
     value (a buried job kicked after a fix). Returns the recorded outcome.
     """
     effective, revived, counted = _record(scope, job, outcome)
+    counting: list[Quiet] = []
     if not counted and job != ROOT_JOB and scope.count_progress:
-        _count(scope, effective, revived)
         # The record ends with a newline once counted (JSON ignores it): a job
         # that dies between recording and counting is counted when it runs again.
-        scope.backends.store.append_quietly(scope.keys.job(job), COUNTED)
-    _notify(scope, job, batch)
+        counting = [*_count(scope, effective, revived), Quiet("append", scope.keys.job(job), COUNTED)]
+    _notify(scope, job, batch, counting)
     if job == ROOT_JOB:
         runs.finish(scope.backends, scope.identity, scope.run, scope.lease, effective)
     return effective
@@ -235,19 +235,19 @@ def _record(scope: RunScope, job: int, outcome: Outcome) -> tuple[Outcome, Outco
     return outcome, None, False
 
 
-def _count(scope: RunScope, outcome: Outcome, revived: Outcome | None) -> None:
-    store, keys = scope.backends.store, scope.keys
+def _count(scope: RunScope, outcome: Outcome, revived: Outcome | None) -> list[Quiet]:
+    """The progress counter writes for a newly recorded outcome."""
+    keys = scope.keys
     if outcome.ok:
-        store.incr_quietly(keys.completed)
-        if revived is not None and revived.own:
-            store.decr_quietly(keys.failed)
-    elif outcome.own:
-        store.incr_quietly(keys.failed)
+        revived_failure = revived is not None and revived.own
+        return [Quiet("incr", keys.completed)] + ([Quiet("decr", keys.failed)] if revived_failure else [])
+    return [Quiet("incr", keys.failed)] if outcome.own else []
 
 
-def _notify(scope: RunScope, job: int, batch: str) -> None:
+def _notify(scope: RunScope, job: int, batch: str, counting: list[Quiet]) -> None:
+    """Count the completion in its batch (after the progress writes) and wake its waiters."""
     store, keys = scope.backends.store, scope.keys
-    done = store.incr(keys.batch_done(batch))
+    done = store.incr(keys.batch_done(batch), quiet_first=counting)
     if done is None:
         report_loss(scope, [job], f"the completion counter of batch {batch} is gone")
         return

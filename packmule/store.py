@@ -13,7 +13,7 @@ counters are written without a reply.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -95,6 +95,22 @@ class RunKeys:
     def sentinel(self, index: int) -> str:
         """The run's sentinel on memcached server ``index``: gone means that server lost state."""
         return self._key("s", index)
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """A write nobody waits for (a progress counter, a marker): incr, decr or append."""
+
+    command: str
+    key: str
+    value: int | bytes = 1
+
+    def line(self, ttl: int) -> bytes:
+        """The command in memcached's text protocol, with ``noreply``."""
+        if isinstance(self.value, bytes):
+            return (f"{self.command} {self.key} 0 {ttl} {len(self.value)} noreply\r\n".encode()
+                    + self.value + b"\r\n")
+        return f"{self.command} {self.key} {self.value} noreply\r\n".encode()
 
 
 class Store:
@@ -180,10 +196,42 @@ class Store:
         return bool(self._keyed(key, "cas", lambda c: c.cas(key, value, token, expire=self.ttl,
                                                              noreply=False)))
 
-    def incr(self, key: str, amount: int = 1) -> int | None:
-        """Add to a counter; the new value, or None if the counter does not exist."""
-        result = self._keyed(key, "incr", lambda c: c.incr(key, amount, noreply=False))
-        return None if result is None else int(result)
+    def incr(self, key: str, amount: int = 1, *, quiet_first: Sequence[Quiet] = ()) -> int | None:
+        """Add to a counter; the new value, or None if the counter does not exist.
+
+        ``quiet_first`` are sent before the increment, without waiting for
+        their replies. Those on the counter's server travel in the same packet
+        (memcached applies one connection's commands in order), so a job's
+        completion costs one round trip instead of three sends.
+        """
+        index = self.server_of(key)
+        same: list[Quiet] = []
+        elsewhere: list[Quiet] = []
+        for write in quiet_first:
+            (same if self.server_of(write.key) == index else elsewhere).append(write)
+        self.send_quietly(elsewhere)
+        if not same:
+            result = self._call(index, "incr", lambda c: c.incr(key, amount, noreply=False))
+            return None if result is None else int(result)
+        command = b"".join(q.line(self.ttl) for q in same) + f"incr {key} {amount}".encode()
+        reply = self._call(index, "incr", lambda c: c.raw_command(command))
+        if reply == b"NOT_FOUND":
+            return None
+        if not reply.isdigit():  # an error line of a quiet write: the stream is out of step
+            self._clients[index].close()
+            raise StoreUnavailable(self.names[index], f"memcached incr of {key}: {reply!r}")
+        return int(reply)
+
+    def send_quietly(self, writes: Sequence[Quiet]) -> None:
+        """Send progress counters and markers without waiting for replies."""
+        for write in writes:
+            if write.command == "append":
+                assert isinstance(write.value, bytes)
+                self.append_quietly(write.key, write.value)
+            elif write.command == "decr":
+                self.decr_quietly(write.key, int(write.value))
+            else:
+                self.incr_quietly(write.key, int(write.value))
 
     def incr_quietly(self, key: str, amount: int = 1) -> None:
         """Add to a progress counter without waiting for a reply (it decides nothing)."""

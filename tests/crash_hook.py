@@ -10,7 +10,8 @@ Points:
   "fired" marker is not written yet;
 - ``after-fire``: the marker is written, a parked aggregate job not kicked yet;
 - ``before-count``: the job's outcome is recorded, its progress count not sent;
-- ``after-count``: its progress count is sent, nothing after it is;
+- ``after-count``: its progress count is sent (in one packet with its counted
+  mark and its batch's completion count), nothing after it is;
 - ``after-chain``: a job that returned a deferred result (a JobRef) has its
   chain registered, and is not deleted from beanstalkd yet.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +34,7 @@ from packmule.aggregate import RunScope
 from packmule.envelope import Envelope
 from packmule.jobref import JobRef
 from packmule.runner import Runner
+from packmule.store import Quiet
 
 CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
 _CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-count", "after-chain")
@@ -78,7 +80,7 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
         yield
         return
     coord, store = scope.backends.coord, scope.backends.store
-    create, incr_quietly = coord.create_if_absent, store.incr_quietly
+    create, incr = coord.create_if_absent, store.incr
 
     def create_then_maybe_die(key: str, value: bytes, *, lease: int = 0) -> bool:
         fired = _armed() and key.endswith("/fired")
@@ -89,23 +91,25 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
             _die_once(flag)
         return created
 
-    def maybe_die_then_incr(key: str, amount: int = 1) -> None:
-        completed = _armed() and key == scope.keys.completed
-        if completed and point == "before-count":
+    def maybe_die_around_incr(key: str, amount: int = 1, *,
+                              quiet_first: Sequence[Quiet] = ()) -> int | None:
+        counting = _armed() and any(q.key == scope.keys.completed for q in quiet_first)
+        if counting and point == "before-count":
             _die_once(flag)
-        incr_quietly(key, amount)
-        if completed and point == "after-count":
+        result = incr(key, amount, quiet_first=quiet_first)
+        if counting and point == "after-count":
             _die_once(flag)
+        return result
 
     coord.create_if_absent = create_then_maybe_die  # type: ignore[method-assign]
-    store.incr_quietly = maybe_die_then_incr  # type: ignore[method-assign]
+    store.incr = maybe_die_around_incr  # type: ignore[method-assign]
     _local.armed = True
     try:
         yield
     finally:  # drop the instance attributes: the methods show again
         _local.armed = False
         del coord.create_if_absent
-        del store.incr_quietly
+        del store.incr
 
 
 def _die_once(flag: str) -> None:
