@@ -324,7 +324,13 @@ def aggregate_record(scope: RunScope, number: int) -> dict[str, Any] | None:
 
 
 def try_fire(scope: RunScope, number: int) -> None:
-    """Fire aggregate ``number`` if all its dependencies finished. Idempotent."""
+    """Fire aggregate ``number`` if its batches are complete. Idempotent.
+
+    Firing only says "every dependency was counted": whoever consumes the
+    aggregate (the blocked caller, or the aggregate's own job) reads the
+    values once and settles it (see :func:`settle`), so the outcomes are
+    read once per fan-in, not twice.
+    """
     record = aggregate_record(scope, number)
     if record is None:
         report_loss(scope, [number], "the aggregate's description is gone")
@@ -332,45 +338,74 @@ def try_fire(scope: RunScope, number: int) -> None:
     if runs.is_cancelled(scope.backends, scope.run):
         return
     state = batches_state(scope, record["batches"])
-    if state == "pending":
-        return
     if state == "lost":
         report_loss(scope, [number], "the completion counters of its batches are gone")
-        return
-    verdict = judge(scope, record)
-    if verdict is None:
-        return
-    if verdict.ok:
+    elif state == "done":
         _fire(scope, number, record)
-    elif record["srv"] < 0:
-        coord = scope.backends.coord
-        kind = "lost" if verdict.lost else "failed"
-        coord.create_if_absent(coord.marker_prefix(scope.run, number) + kind,
-                               verdict.encode(), lease=scope.lease)
-    else:
-        complete(scope, number, record["own"], verdict)
 
 
-def judge(scope: RunScope, record: dict[str, Any]) -> Outcome | None:
-    """Whether an aggregate whose batches are complete may fire.
+@dataclass
+class Gathered:
+    """What an aggregate's dependencies left, in the order of its jobs."""
 
-    Returns a value outcome (fire), a failure (fail it), or None (not yet:
-    a redelivery counted twice and a dependency is still running).
-    """
+    values: list[Any]  # values; MISSING for a lost one, Failure for a failed one
+    missing: list[int]  # jobs with no outcome: not finished yet, or lost
+    failure: Outcome | None  # the first failure, if any
+
+
+def gather(scope: RunScope, record: dict[str, Any]) -> Gathered:
+    """Read every dependency's outcome, a chunk of keys at a time (flat memory)."""
     deps = from_ranges(record["deps"])
-    outcomes = read_outcomes(scope, deps)
-    missing = [n for n in deps if outcomes[n] is None]
-    if missing:
-        if not runs.state_lost(scope.backends, scope.run):
-            return None
-        if record["halt"]:
-            return Outcome.missing(missing, "memcached lost the values of jobs")
-    failures = [o for o in outcomes.values() if o is not None and not o.ok]
-    if failures and not record["af"]:
-        first = failures[0]
+    gathered = Gathered([], [], None)
+    for start in range(0, len(deps), GATHER_CHUNK):
+        _gather_chunk(scope, deps[start:start + GATHER_CHUNK], gathered)
+    return gathered
+
+
+GATHER_CHUNK = 5000
+
+
+def _gather_chunk(scope: RunScope, numbers: list[int], gathered: Gathered) -> None:
+    names = [scope.keys.job(n) for n in numbers]
+    found = scope.backends.store.get_many(names)
+    # One JSON array for the whole chunk: a json.loads per record costs more than the read.
+    records = iter(loads(b"[" + b",".join(found[name] for name in names if name in found) + b"]"))
+    for number, name in zip(numbers, names, strict=True):
+        if name not in found:
+            gathered.missing.append(number)
+            gathered.values.append(MISSING)
+            continue
+        outcome = Outcome.from_record(next(records))
+        if outcome.ok:
+            gathered.values.append(outcome.value)
+        else:
+            gathered.values.append(Failure(outcome.job, outcome.traceback))
+            gathered.failure = gathered.failure or outcome
+
+
+WAIT = "wait"
+
+
+def settle(scope: RunScope, record: dict[str, Any], gathered: Gathered) -> Outcome | str | None:
+    """How a fired aggregate stands, once its values are gathered.
+
+    Returns None (call the method with ``gathered.values``; lost values, if
+    the runner does not halt on loss, are counted and passed as MISSING),
+    :data:`WAIT` (a dependency has not recorded its outcome yet: a redelivered
+    job counted twice in its batch; its completion will fire again), or the
+    failed Outcome the aggregate ends with (a failure, or a loss that halts).
+    """
+    if gathered.missing and not runs.state_lost(scope.backends, scope.run):
+        return WAIT
+    if gathered.missing and record["halt"]:
+        return Outcome.missing(gathered.missing, "memcached lost the values of jobs")
+    if gathered.failure is not None and not record["af"]:
+        first = gathered.failure
         return Outcome(False, job=first.job, traceback=first.traceback, lost=first.lost,
                        lost_jobs=first.lost_jobs)
-    return Outcome.done(None)
+    if gathered.missing:
+        scope.backends.store.incr_quietly(scope.keys.lost, len(gathered.missing))
+    return None
 
 
 def _fire(scope: RunScope, number: int, record: dict[str, Any]) -> None:
@@ -380,31 +415,3 @@ def _fire(scope: RunScope, number: int, record: dict[str, Any]) -> None:
     if record["srv"] >= 0:
         # Idempotent: the parked job moves to ready once; later kicks find it gone.
         scope.backends.queue.kick_job(record["srv"], record["bid"])
-
-
-def account_for_loss(scope: RunScope, record: dict[str, Any], lost: list[int]) -> Outcome | None:
-    """The loss that stops an aggregate (``halt``), or None: lost slots then hold MISSING, counted."""
-    if lost and record["halt"]:
-        return Outcome.missing(lost, "memcached lost the values of jobs")
-    if lost:
-        scope.backends.store.incr_quietly(scope.keys.lost, len(lost))
-    return None
-
-
-def gather(scope: RunScope, record: dict[str, Any]) -> tuple[list[Any], list[int]]:
-    """The values an aggregate is called with, and the jobs whose values were lost."""
-    deps = from_ranges(record["deps"])
-    outcomes = read_outcomes(scope, deps)
-    values: list[Any] = []
-    lost: list[int] = []
-    for number in deps:
-        outcome = outcomes[number]
-        if outcome is None:
-            lost.append(number)
-            values.append(MISSING)
-        elif outcome.ok:
-            values.append(outcome.value)
-        else:
-            values.append(Failure(outcome.job, outcome.traceback))
-    return values, lost
-

@@ -91,13 +91,17 @@ class Coordinator:
         with self._naming("lease"):
             return int(self._client.lease(ttl_seconds).id)
 
-    def watch_prefixes(self, prefixes: list[str], wake: threading.Event) -> Callable[[], None]:
+    def watch_prefixes(self, prefixes: list[str], wake: threading.Event,
+                       seen: set[str] | None = None) -> Callable[[], None]:
         """Set ``wake`` on any change under ``prefixes``; returns the cancel function.
 
-        The caller re-reads state after each wake-up, so a change made before
-        the watch started is not missed as long as it reads after starting it.
+        The keys of the events are added to ``seen``, so a caller waiting for
+        one key needs no read after the wake-up. A change made before the
+        watch started is not missed as long as the caller reads after starting it.
         """
-        def on_event(_response: Any) -> None:
+        def on_event(response: Any) -> None:
+            if seen is not None:
+                seen.update(event.key.decode() for event in getattr(response, "events", ()))
             wake.set()
 
         ids: list[int] = []

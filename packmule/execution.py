@@ -18,7 +18,7 @@ from packmule.backends import backends
 from packmule.envelope import Envelope
 from packmule.errors import DecodeError, EncodeError
 from packmule.jobref import JobRef
-from packmule.outcome import Failure, Outcome
+from packmule.outcome import Outcome
 from packmule.runner import Context, Runner
 
 log = logging.getLogger("packmule.worker")
@@ -26,9 +26,15 @@ log = logging.getLogger("packmule.worker")
 
 @dataclass(frozen=True)
 class Verdict:
-    """An aggregate job kicked before its dependencies finished: park it again."""
+    """An aggregate job that cannot finish now: park it again until the next kick.
+
+    ``recheck``: it was kicked before a dependency recorded its value; that
+    dependency's own kick may have come while this job was reserved (and so
+    found nothing to kick), so after parking, look again (:func:`recorded`).
+    """
 
     reason: str
+    recheck: bool = False
 
 
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
@@ -84,14 +90,24 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
     record = aggregate.aggregate_record(scope, envelope.job)
     if record is None:
         return Outcome.missing([envelope.job], "the aggregate's description is gone")
-    values, lost = aggregate.gather(scope, record)
-    failed = any(isinstance(v, Failure) for v in values)
-    if (lost and not runs.state_lost(scope.backends, scope.run)) or (failed and not record["af"]):
-        return Verdict("kicked before its dependencies finished")
-    loss = aggregate.account_for_loss(scope, record, lost)
-    if loss is not None:
-        return loss
-    return getattr(runner, envelope.method)(values, *envelope.args)
+    gathered = aggregate.gather(scope, record)
+    verdict = aggregate.settle(scope, record, gathered)
+    if verdict == aggregate.WAIT:
+        return Verdict("kicked before its dependencies recorded their values", recheck=True)
+    if isinstance(verdict, Outcome) and verdict.lost:
+        return verdict  # recorded as the job's outcome: a loss is final
+    if isinstance(verdict, Outcome):
+        # Failed, but parked again: a buried dependency kicked after a fix fires it anew.
+        aggregate.complete(scope, envelope.job, record["own"], verdict)
+        return Verdict("a dependency failed")
+    return getattr(runner, envelope.method)(gathered.values, *envelope.args)
+
+
+def recorded(runner: Runner, envelope: Envelope) -> bool:
+    """Whether a parked aggregate's dependencies have all recorded their outcomes now."""
+    scope = _scope(runner)
+    record = aggregate.aggregate_record(scope, envelope.job)
+    return record is not None and not aggregate.gather(scope, record).missing
 
 
 def record(runner: Runner, envelope: Envelope, result: Any) -> None:

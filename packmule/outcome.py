@@ -91,7 +91,11 @@ class Outcome:
     @classmethod
     def decode(cls, data: bytes) -> Outcome:
         """The outcome a record holds."""
-        record = loads(data)
+        return cls.from_record(loads(data))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Outcome:
+        """The outcome of a decoded record (see :meth:`encode`)."""
         if "v" in record:
             return cls(True, record["v"])
         lost = record.get("lost")

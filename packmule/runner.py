@@ -10,15 +10,12 @@ aggregate becomes a job, parked in beanstalkd until etcd decides it fires.
 from __future__ import annotations
 
 import functools
-import itertools
-import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from packmule import aggregate, runs
+from packmule import aggregate, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
@@ -32,7 +29,6 @@ from packmule.errors import (
     ResultPending,
     RunCancelled,
     RunFailed,
-    ServerError,
     UnknownMethod,
     UnknownRun,
 )
@@ -40,7 +36,6 @@ from packmule.jobref import JobRef
 from packmule.outcome import Outcome
 from packmule.progress import Progress, read_progress
 from packmule.queue import PARK_SECONDS, Queue
-from packmule.retry import doubling
 from packmule.runs import RunRecord
 
 _OPTIONS = ("record_return_values", "push_progress_updates", "time_to_run", "priority", "tube",
@@ -250,15 +245,11 @@ class Runner:
 
     def _await(self, context: Context, ref: JobRef, call: Callable[[list[Any]], Any]) -> Any:
         scope = context.scope
-        _wait_for_marker(scope, ref.number)
+        waiting.until_fired(scope, ref.number)
         record = aggregate.aggregate_record(scope, ref.number)
         if record is None:
             raise ResultMissing(f"run {scope.run}: the aggregate's description was lost", [ref])
-        values, lost = aggregate.gather(scope, record)
-        loss = aggregate.account_for_loss(scope, record, lost)
-        if loss is not None:
-            raise ResultMissing(loss.traceback, [scope.ref(n) for n in loss.lost_jobs])
-        value = call(values)
+        value = call(waiting.settled_values(scope, record))
         if isinstance(value, JobRef):
             value = self.wait(value)
         aggregate.complete(scope, ref.number, record["own"], Outcome.done(None))
@@ -362,66 +353,6 @@ _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
 def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:
     queue = runner._backends.queue
     return JobRef(number, queue.names[queue.server_for(number)], record.run)
-
-
-def _wait_for_marker(scope: RunScope, number: int) -> None:
-    """Block until aggregate ``number`` fires; raise if it failed or state was lost.
-
-    Woken by an etcd watch; between wake-ups, the run's memcached state is
-    checked with a doubling pause so a lost state is reported within seconds.
-    """
-    coord = scope.backends.coord
-    prefix = coord.marker_prefix(scope.run, number)
-    wake = threading.Event()
-    stop_watch = coord.watch_prefixes([prefix, coord.run_lost_key(scope.run)], wake)
-    pauses = doubling(*scope.backends.settings.health_check_seconds)
-    down_since: float | None = None
-    try:
-        for step in itertools.count():
-            try:
-                if _check_aggregate(scope, number, prefix):
-                    return
-                down_since = None
-            except ServerError:
-                # A server restarting is down for a moment: keep waiting, but not
-                # forever: past the grace the error (naming the server) is raised.
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > scope.backends.settings.server_grace_seconds:
-                    raise
-            wake.wait(pauses[min(step, len(pauses) - 1)])
-            wake.clear()
-    finally:
-        stop_watch()
-
-
-def _check_aggregate(scope: RunScope, number: int, prefix: str) -> bool:
-    """True if the aggregate fired; raises if it failed, was cancelled or lost its state."""
-    markers = scope.backends.coord.get_prefix(prefix)
-    if prefix + "fired" in markers:
-        return True
-    _raise_for_markers(scope, number, markers, prefix)
-    if runs.is_cancelled(scope.backends, scope.run):
-        raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
-    return False
-
-
-def _raise_for_markers(scope: RunScope, number: int, markers: dict[str, bytes],
-                       prefix: str) -> None:
-    for kind in ("failed", "lost"):
-        if prefix + kind in markers:
-            outcome = Outcome.decode(markers[prefix + kind])
-            if outcome.lost:
-                raise ResultMissing(outcome.traceback, [scope.ref(n) for n in outcome.lost_jobs])
-            raise RunFailed(scope.ref(outcome.job), outcome.traceback)
-    report = runs.lost_report(scope.backends, scope.run)
-    if report or runs.state_lost(scope.backends, scope.run):
-        why = report["why"] if report else "memcached lost the run's state (restart or eviction)"
-        record = aggregate.aggregate_record(scope, number)
-        if record is not None:
-            missing = aggregate.gather(scope, record)[1]
-        else:
-            missing = list(report["jobs"]) if report else [number]
-        raise ResultMissing(why, [scope.ref(n) for n in missing])
 
 
 def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -230,6 +230,8 @@ class Worker:
             return
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
+            if result.recheck and execution.recorded(runner, envelope):
+                client.kick_job(job)
             return
         execution.record(runner, envelope, result)
         client.delete(job)

@@ -130,3 +130,42 @@ class TolerantInWorker(Tolerant):
         _append("PACKMULE_TEST_COUNT_FILE", "fired")
         return [f"failed {v.job}: {v.traceback.strip().splitlines()[-1]}"
                 if isinstance(v, Failure) else v for v in values]
+
+
+class Straggler(Runner):
+    """Its aggregate fires while its last job is still running, as after a redelivery.
+
+    A job that runs twice counts twice in its batch's completion counter, so
+    the counter can reach the batch's size while another job of the batch is
+    still running. ``run`` makes that happen on purpose: once the quick jobs
+    recorded their values it adds the twin's count itself, then registers the
+    aggregate, which fires at once; the gated job finishes only once the
+    file ``gate`` exists. The aggregate must still get every value.
+    """
+
+    time_to_run = 2
+
+    def run(self, gate: str) -> Any:
+        jobs = [self.enqueue("quick", 1), self.enqueue("quick", 2), self.enqueue("gated", 3, gate)]
+        assert self._context is not None
+        scope = self._context.scope
+        store = scope.backends.store
+        deadline = time.monotonic() + 20
+        while len(store.get_many([scope.keys.job(ref.number) for ref in jobs[:2]])) < 2:
+            assert time.monotonic() < deadline, "the quick jobs never finished"
+            time.sleep(0.01)
+        store.incr(scope.keys.batch_done(jobs[0].batch))  # the twin's count
+        return self.deferred_result("total", jobs)
+
+    def quick(self, value: int) -> int:
+        return value
+
+    def gated(self, value: int, gate: str) -> int:
+        deadline = time.monotonic() + 20
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return value
+
+    def total(self, values: list[int]) -> int:
+        _append("PACKMULE_TEST_COUNT_FILE", "fired")
+        return sum(values)

@@ -24,7 +24,7 @@ import greenstalk
 import pytest
 from conftest import ROOT, Workers, wait_until
 from crash_hook import CRASH_HOOK
-from fault_runners import Counted, Flaky, Handled, LongJob, Tolerant, TolerantInWorker
+from fault_runners import Counted, Flaky, Handled, LongJob, Straggler, Tolerant, TolerantInWorker
 
 import packmule
 from packmule.backends import backends
@@ -282,6 +282,38 @@ def test_forged_and_corrupt_jobs_are_buried_and_the_worker_goes_on(
     assert not touched.exists(), "a forged job ran a command"
     assert not any("secret" in line for line in _lines(executed))
     assert _tube(env).get("current-jobs-buried", 0) == len(bodies)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", ["caller", "worker"])
+def test_an_aggregate_fired_before_a_value_is_recorded_waits_for_it(
+        env: dict[str, str], workers: Workers, tmp_path: Path,
+        counts: tuple[Path, Path], context: str) -> None:
+    """Invariant 1 under a twin count: the batch looks complete while a job still runs;
+    the aggregate fires, finds the value missing, and is called once the value is there."""
+    fired, _ = counts
+    gate = tmp_path / "gate"
+    workers.start("fault_runners", 3)
+    runner = Straggler(f"straggler-{context}")
+    if context == "caller":
+        thread, outcome = _in_thread(lambda: runner.run(str(gate)))
+    else:
+        runner.run_async(str(gate))
+    run = wait_until(lambda: Straggler.find(runner.name), timeout=10, what="the run to start")
+    coord = backends().coord
+    marker = wait_until(lambda: coord.get_prefix(f"{coord.prefix}/r/{run.run}/a/"),
+                        timeout=20, what="the aggregate to fire")
+    assert any(key.endswith("/fired") for key in marker)
+    time.sleep(0.5)  # the aggregate has been gathering (caller) or parked again (worker)
+    assert _lines(fired) == [], "the aggregate was called without the gated job's value"
+    gate.touch()
+    if context == "caller":
+        thread.join(timeout=20)
+        assert outcome.get("value") == 6, outcome
+    else:
+        assert _finished(runner, timeout=20).state == "done"
+        assert runner.get_return_value() == 6
+    assert _lines(fired) == ["fired"]
 
 
 # 7. Failures: retried, buried, counted, reported; handled; tolerated; kicked --------------

@@ -1,0 +1,116 @@
+"""How a caller blocked in `deferred_result` waits for its aggregate.
+
+Two phases. First the aggregate fires: an etcd watch on its marker wakes
+the caller (the event itself says "fired", no read needed), and between
+wake-ups a doubling pause checks that the run was not cancelled and that
+memcached did not lose its state, so neither hangs the caller. Then the
+caller reads the values once and settles the aggregate; if a redelivered
+job made its batch look complete before another job recorded its value,
+the caller polls for that value with a short doubling pause (a fault path).
+
+A server restarting is down for a moment: both phases ride it out for
+``server_grace_seconds``, then raise the error naming the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from packmule import aggregate, runs
+from packmule.aggregate import RunScope
+from packmule.errors import ResultMissing, RunCancelled, RunFailed, ServerError
+from packmule.outcome import Outcome
+from packmule.retry import doubling
+
+T = TypeVar("T")
+STRAGGLER_PAUSES = (0.01, 2.0)
+
+
+def until_fired(scope: RunScope, number: int) -> None:
+    """Block until aggregate ``number`` fires; raise if the run is cancelled or lost."""
+    coord = scope.backends.coord
+    fired = coord.marker_prefix(scope.run, number) + "fired"
+    wake = threading.Event()
+    seen: set[str] = set()
+    stop_watch = coord.watch_prefixes([fired, coord.run_lost_key(scope.run)], wake, seen)
+
+    def check() -> bool | None:
+        if fired in seen or coord.get(fired) is not None:
+            return True
+        _raise_if_stopped(scope, number)
+        return None
+
+    try:
+        _poll(scope, check, doubling(*scope.backends.settings.health_check_seconds), wake)
+    finally:
+        stop_watch()
+
+
+def settled_values(scope: RunScope, record: dict[str, Any]) -> list[Any]:
+    """The values to call a fired aggregate with; raise how it failed instead.
+
+    Raises:
+        RunFailed: a dependency failed (the aggregate does not allow failures).
+        ResultMissing: memcached lost values and the runner halts on loss.
+    """
+    def check() -> list[Any] | None:
+        gathered = aggregate.gather(scope, record)
+        verdict = aggregate.settle(scope, record, gathered)
+        if isinstance(verdict, Outcome):
+            raise error_for(scope, verdict)
+        if verdict == aggregate.WAIT:
+            _raise_if_stopped(scope, None)
+            return None
+        return gathered.values
+
+    return _poll(scope, check, doubling(*STRAGGLER_PAUSES), None)
+
+
+def error_for(scope: RunScope, outcome: Outcome) -> RunFailed | ResultMissing:
+    """The exception a caller raises for a failed outcome."""
+    if outcome.lost:
+        return ResultMissing(outcome.traceback, [scope.ref(n) for n in outcome.lost_jobs])
+    return RunFailed(scope.ref(outcome.job), outcome.traceback)
+
+
+def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
+          wake: threading.Event | None) -> T:
+    """Call ``check`` until it returns a value, pausing (or until ``wake``) between calls."""
+    down_since: float | None = None
+    grace = scope.backends.settings.server_grace_seconds
+    for step in itertools.count():
+        try:
+            result = check()
+            if result is not None:
+                return result
+            down_since = None
+        except ServerError:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > grace:
+                raise
+        pause = pauses[min(step, len(pauses) - 1)]
+        if wake is None:
+            time.sleep(pause)
+        else:
+            wake.wait(pause)
+            wake.clear()
+    raise AssertionError("unreachable")
+
+
+def _raise_if_stopped(scope: RunScope, number: int | None) -> None:
+    """Raise ResultMissing if memcached lost the run's state, or RunCancelled."""
+    report = runs.lost_report(scope.backends, scope.run)
+    if report or runs.state_lost(scope.backends, scope.run):
+        why = report["why"] if report else "memcached lost the run's state (restart or eviction)"
+        record = aggregate.aggregate_record(scope, number) if number is not None else None
+        if record is not None:
+            missing = aggregate.gather(scope, record).missing
+        else:
+            missing = list(report["jobs"]) if report else [number or 0]
+        raise ResultMissing(why, [scope.ref(n) for n in missing])
+    if runs.is_cancelled(scope.backends, scope.run):
+        raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
