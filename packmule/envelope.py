@@ -16,6 +16,8 @@ from typing import Any
 from packmule.errors import DecodeError, EncodeError
 
 FORMAT = 1
+# One encoder for every value: json.dumps with options builds a new encoder per call.
+_STRICT = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def dumps(value: Any, *, what: str = "value") -> bytes:
             NaN or infinity, a circular reference).
     """
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+        return _STRICT.encode(value).encode()
     except (TypeError, ValueError) as err:
         raise EncodeError(f"{what} cannot be encoded as JSON: {err}") from err
 
@@ -71,6 +73,47 @@ def check_args(method: str, args: tuple[Any, ...] | list[Any]) -> None:
     """Raise EncodeError naming the first argument of ``method`` JSON cannot carry."""
     for index, arg in enumerate(args):
         dumps(arg, what=f"argument {index} of {method}() ({type(arg).__name__})")
+
+
+def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
+    """``args`` as a JSON array, encoded once: the form a job body carries them in.
+
+    Raises:
+        EncodeError: naming the first argument JSON cannot carry, as check_args does.
+    """
+    try:
+        return _STRICT.encode(args).encode()
+    except (TypeError, ValueError) as err:
+        check_args(method, args)  # names the argument at fault
+        raise EncodeError(f"arguments of {method}() cannot be encoded as JSON: {err}") from err
+
+
+class BodyTemplate:
+    """The bodies of jobs that differ only in their number and arguments.
+
+    An enqueue_each of thousands of jobs would otherwise encode the runner,
+    run, options and the rest again for every job, and its arguments twice
+    (once to refuse a bad value before anything is counted, once in the
+    body). This encodes the shared fields once and splices in each job's
+    number and its already encoded arguments. The bytes are those
+    :func:`encode` gives for the same envelope (a test holds them equal).
+    """
+
+    def __init__(self, envelope: Envelope) -> None:
+        """Fields shared by the jobs; ``envelope.job`` and ``envelope.args`` are ignored."""
+        e, what = envelope, f"job {envelope.method}"
+        head = dumps({"packmule": FORMAT, "runner": e.runner, "name": e.name, "run": e.run},
+                     what=what)
+        middle = dumps({"batch": e.batch, "method": e.method}, what=what)
+        tail = dumps({"options": e.options, "aggregate": e.aggregate, "kwargs": e.kwargs,
+                      "lease": e.lease}, what=what)
+        self._head = head[:-1] + b',"job":'
+        self._middle = b"," + middle[1:-1] + b',"args":'
+        self._tail = b"," + tail[1:]
+
+    def body(self, number: int, args: bytes) -> bytes:
+        """The body of job ``number``; ``args`` from :func:`encode_args`."""
+        return b"%b%d%b%b%b" % (self._head, number, self._middle, args, self._tail)
 
 
 def encode(envelope: Envelope) -> bytes:

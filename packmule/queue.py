@@ -7,7 +7,9 @@ waiting in the delayed state, a buried job) can be found again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import io
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
@@ -22,6 +24,12 @@ from packmule.errors import JobTooBig, QueueUnavailable
 PARK_SECONDS = 2**31
 T = TypeVar("T")
 _CLIENT_ERRORS = (OSError, greenstalk.Error, greenstalk.UnknownResponseError)
+# Pipelined puts go out in chunks of about this many bytes, or this many jobs:
+# one write carries hundreds of small jobs, and the replies left unread while
+# it is sent (about 16 bytes a job) stay far below any socket buffer, so
+# beanstalkd never stops reading because we are not reading yet.
+_CHUNK_BYTES = 64 * 1024
+_CHUNK_JOBS = 500
 
 
 @contextmanager
@@ -33,6 +41,30 @@ def naming(address: str, action: str) -> Iterator[None]:
         raise
     except _CLIENT_ERRORS as err:
         raise QueueUnavailable(address, f"beanstalkd {action} failed: {err!r}") from err
+
+
+def _wire(client: greenstalk.Client[bytes]) -> tuple[socket.socket, io.BufferedReader]:
+    """The socket and reply reader inside a greenstalk 2.1.1 client (``_sock``, ``_reader``).
+
+    The one place packmule reaches into greenstalk: it has no pipelining, its
+    ``put`` waits for each reply before the next job can go, and
+    :meth:`Queue.put_many` sends a whole chunk of puts in one ``sendall``
+    instead. The reader is greenstalk's own, so no reply byte is left in a
+    buffer the client does not see.
+    """
+    return client._sock, client._reader
+
+
+def _chunks(bodies: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
+    """``bodies`` in order, in slices of about ``_CHUNK_BYTES`` or ``_CHUNK_JOBS``."""
+    start, size = 0, 0
+    for end, body in enumerate(bodies, 1):
+        size += len(body)
+        if size >= _CHUNK_BYTES or end - start >= _CHUNK_JOBS:
+            yield bodies[start:end]
+            start, size = end, 0
+    if start < len(bodies):
+        yield bodies[start:]
 
 
 def connect(address: Address, timeout_seconds: float) -> greenstalk.Client[bytes]:
@@ -119,16 +151,81 @@ class Queue:
 
         Raises:
             JobTooBig: the server refused the size (Runner checks it first, naming the limit).
-            QueueUnavailable: the server is unreachable.
+            QueueUnavailable: the server is unreachable or refused the job.
         """
+        stored: list[int] = []
+        self.put_many(index, tube, [body], priority=priority, delay=delay, ttr=ttr, stored=stored)
+        return stored[0]
+
+    def put_many(self, index: int, tube: str, bodies: Sequence[bytes], *, priority: int,
+                 delay: float, ttr: float, stored: list[int]) -> None:
+        """Put ``bodies`` on server ``index`` in order, pipelined: one write per chunk.
+
+        A put per round trip costs a send, a wait and a receive per job; here a
+        chunk of up to hundreds of puts goes out in one ``sendall`` and its
+        replies are read after, in order. The id of each job beanstalkd stored
+        is appended to ``stored`` as its reply is read, so after an error
+        ``len(stored)`` is how many were put: a job whose reply never came
+        may or may not be stored, and is not counted. A put is never retried,
+        for that reason: a second one could store the job twice.
+
+        A refused job does not stop its chunk (beanstalkd goes on with the
+        next command): the chunk's replies are all read, then the first
+        refusal is raised and no later chunk is sent.
+
+        Raises:
+            JobTooBig: the server refused a job's size (Runner checks it first, naming the limit).
+            QueueUnavailable: the server is unreachable, or refused a job (draining, out of memory).
+        """
+        head = b"put %d %d %d " % (priority, int(delay), int(ttr))
+        for chunk in _chunks(bodies):
+            refusal = self._put_chunk(index, tube, head, chunk, stored)
+            if refusal is not None:
+                raise refusal
+
+    def _put_chunk(self, index: int, tube: str, head: bytes, chunk: Sequence[bytes],
+                   stored: list[int]) -> Exception | None:
+        """Send one chunk of puts in one write, read every reply; the first refusal, if any."""
+        payload = b"".join([b"%b%d\r\n%b\r\n" % (head, len(body), body) for body in chunk])
+        refusal: Exception | None = None
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:
                 client.use(tube)
                 self._using[index] = tube
+            sock, reader = _wire(client)
             try:
-                return int(client.put(body, priority=priority, delay=int(delay), ttr=int(ttr)))
-            except greenstalk.JobTooBigError as err:
-                raise JobTooBig(f"job of {len(body)} bytes refused by {self.names[index]}") from err
+                sock.sendall(payload)
+                for body in chunk:
+                    reply = reader.readline()
+                    if reply[:9] == b"INSERTED ":
+                        stored.append(int(reply[9:]))
+                    else:  # called for every refusal: a BURIED one is counted in stored
+                        error = self._refusal(index, body, reply, stored)
+                        refusal = refusal or error
+            except BaseException:
+                self._drop(index)  # replies left unread would answer the next command
+                raise
+        return refusal
+
+    def _refusal(self, index: int, body: bytes, reply: bytes, stored: list[int]) -> Exception:
+        """The error for a put's reply other than ``INSERTED``.
+
+        ``BURIED id`` means beanstalkd stored the job but, out of memory, buried
+        it: it is counted in ``stored`` (a kick would run it) and still an error.
+        """
+        if not reply.endswith(b"\r\n"):  # the rest of the chunk's replies are lost with it
+            raise ConnectionError("beanstalkd closed the connection before answering every put")
+        status, *values = reply.split()
+        name = self.names[index]
+        if status == b"JOB_TOO_BIG":
+            return JobTooBig(f"job of {len(body)} bytes refused by {name}")
+        if status == b"BURIED" and values:
+            stored.append(int(values[0]))
+            return QueueUnavailable(name, f"beanstalkd is out of memory: it stored job "
+                                          f"{int(values[0])} buried, not ready")
+        if status == b"DRAINING":
+            return QueueUnavailable(name, "beanstalkd is draining: it takes no new jobs")
+        return QueueUnavailable(name, f"beanstalkd refused a put: {reply.strip()!r}")
 
     def kick_job(self, index: int, job_id: int) -> bool:
         """Move a delayed or buried job to ready; False if it is in neither state.

@@ -19,7 +19,7 @@ from packmule import aggregate, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
-from packmule.envelope import Envelope, check_args, dumps, encode
+from packmule.envelope import BodyTemplate, Envelope, check_args, dumps, encode_args
 from packmule.errors import (
     ConfigurationError,
     EncodeError,
@@ -153,49 +153,62 @@ class Runner:
         return self._enqueue_many(method, [(item, *args) for item in items])
 
     def _enqueue_many(self, method: str, arg_lists: list[tuple[Any, ...]]) -> list[JobRef]:
+        """Encode, count, size-check and put these jobs; their JobRefs in input order.
+
+        Each job's arguments are encoded once, before anything is counted (a
+        bad value is refused with nothing to undo); the rest of the body is
+        shared by the call. Every job is checked against its server's
+        max-job-size before the first put, and the puts are pipelined per
+        server. Whatever was not put is uncounted.
+        """
         self._check_method(method)
-        for arg_list in arg_lists:
-            check_args(method, arg_list)
+        encoded = [encode_args(method, args) for args in arg_lists]
         context = self._current_context()
-        if not arg_lists:
+        if not encoded:
             return []
-        first, batch = context.batches.reserve(len(arg_lists))
-        queue = context.scope.backends.queue
-        refs: list[JobRef] = []
+        first, batch = context.batches.reserve(len(encoded))
+        queue, tube = context.scope.backends.queue, self.tube_name
+        stored: list[int] = []
         try:
-            bodies = [self._body(context, first + i, batch, method, list(a))
-                      for i, a in enumerate(arg_lists)]
-            for offset, (index, body) in enumerate(bodies):
-                self._put(queue, index, body, delay=0)
-                refs.append(JobRef(first + offset, queue.names[index], context.scope.run, batch))
+            template = self._template(context, batch, method, tube)
+            by_server = _by_server(queue, template, first, encoded)
+            for index, bodies in by_server.items():
+                _check_size(queue, index, method, max(map(len, bodies)))
+            ttr = self._ttr()
+            for index, bodies in by_server.items():
+                queue.put_many(index, tube, bodies, priority=self.priority, delay=0, ttr=ttr,
+                               stored=stored)
         finally:
-            unput = len(arg_lists) - len(refs)
-            if unput:  # too big, or a server failed: uncount what was never put
-                context.batches.sizes[batch] -= unput
-                if not context.batches.replayable:  # a job's next attempt replays these numbers
-                    context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
-        return refs
+            _uncount(context, batch, len(encoded) - len(stored))
+        return [context.scope.ref(number, batch) for number in range(first, first + len(encoded))]
+
+    def _template(self, context: Context, batch: str, method: str, tube: str,
+                  **extra: Any) -> BodyTemplate:
+        """What the bodies of one call's jobs share."""
+        # The tube travels with the job: a run's jobs stay in the tube it began in,
+        # whatever the worker's own default tube is.
+        options = {**self.options, "tube": tube}
+        return BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
+                                     batch, method, [], options, lease=context.scope.lease,
+                                     **extra))
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
               **extra: Any) -> tuple[int, bytes]:
-        """The job's body and the pool index of its server; JobTooBig before anything is put."""
-        # The tube travels with the job: a run's jobs stay in the tube it began in,
-        # whatever the worker's own default tube is.
-        options = {**self.options, "tube": self.tube_name}
-        envelope = Envelope(type(self).class_path(), self.name, context.scope.run, number, batch,
-                            method, args, options, lease=context.scope.lease, **extra)
-        body = encode(envelope)
+        """One job's body and the pool index of its server; JobTooBig before anything is put."""
+        template = self._template(context, batch, method, self.tube_name, **extra)
+        body = template.body(number, encode_args(method, args))
         queue = context.scope.backends.queue
         index = queue.server_for(number)
-        limit = queue.max_job_size(index)
-        if len(body) > limit:
-            raise JobTooBig(f"job {method}() of {len(body)} bytes exceeds max-job-size {limit} "
-                            f"of {queue.names[index]}")
+        _check_size(queue, index, method, len(body))
         return index, body
 
     def _put(self, queue: Queue, index: int, body: bytes, *, delay: float) -> int:
-        ttr = self.time_to_run or self._backends.settings.ttr_seconds
-        return queue.put(index, self.tube_name, body, priority=self.priority, delay=delay, ttr=ttr)
+        return queue.put(index, self.tube_name, body, priority=self.priority, delay=delay,
+                         ttr=self._ttr())
+
+    def _ttr(self) -> float:
+        """beanstalkd time-to-run of this runner's jobs."""
+        return self.time_to_run or self._backends.settings.ttr_seconds
 
     # Bring back ----------------------------------------------------------------
     def deferred_result(self, method: str, jobs: Iterable[JobRef], *args: Any,
@@ -348,6 +361,31 @@ class Runner:
 
 
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
+
+
+def _by_server(queue: Queue, template: BodyTemplate, first: int,
+               encoded: list[bytes]) -> dict[int, list[bytes]]:
+    """The bodies of jobs ``first``, ``first + 1``... grouped by pool index, each in order."""
+    by_server: dict[int, list[bytes]] = {}
+    for number, args in enumerate(encoded, first):
+        by_server.setdefault(queue.server_for(number), []).append(template.body(number, args))
+    return by_server
+
+
+def _uncount(context: Context, batch: str, unput: int) -> None:
+    """Take back the count of jobs that were never put (too big, or a server failed)."""
+    if unput:
+        context.batches.sizes[batch] -= unput
+        if not context.batches.replayable:  # a job's next attempt replays these numbers
+            context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
+
+
+def _check_size(queue: Queue, index: int, method: str, size: int) -> None:
+    """JobTooBig, naming the size and the limit, if a body of ``size`` bytes is over it."""
+    limit = queue.max_job_size(index)
+    if size > limit:
+        raise JobTooBig(f"job {method}() of {size} bytes exceeds max-job-size {limit} "
+                        f"of {queue.names[index]}")
 
 
 def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:

@@ -1,0 +1,168 @@
+"""The producer side: bodies encoded once, puts pipelined per server, over a 2-server pool.
+
+Its own servers (two beanstalkd, so a pool; one memcached; etcd), because one
+test puts a server into drain mode, which only a restart undoes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+
+import greenstalk
+import pytest
+from conftest import PYTHONPATH, Workers
+from runners import Adder
+
+import packmule
+from packmule import config
+from packmule import queue as queue_module
+from packmule.backends import backends
+from packmule.envelope import BodyTemplate, Envelope, decode, encode, encode_args
+from packmule.queue import Queue
+from packmule.servers import LocalServers, start_local_servers
+
+BIG = "x" * 70_000  # over the servers' max-job-size of 65535 once encoded
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[LocalServers]:
+    with start_local_servers(beanstalkd=2, memcached=1) as started:
+        yield started
+
+
+@pytest.fixture
+def pool_env(pool: LocalServers) -> Iterator[dict[str, str]]:
+    """Settings for one test on the pool: a fresh namespace and tube."""
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    variables = {**pool.env(), "PACKMULE_NAMESPACE": namespace}
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    config.reset()
+    packmule.configure(tube=namespace, health_check_seconds=(0.1, 0.5))
+    yield {**variables, "PACKMULE_TUBE": namespace, "PYTHONPATH": PYTHONPATH}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    config.reset()
+
+
+def _in_tube(index: int, tube: str) -> int:
+    return backends().queue.tube_stats(index, tube).get("total-jobs", 0)
+
+
+def test_template_bodies_are_the_bytes_encode_gives() -> None:
+    envelope = Envelope("mod:Cls", 'n "quoted" 100% \u00e9\u2603', "run-1", 7, "caller.ab", "echo",
+                        [1, "\u2603", {"k": [None, True, 1.5]}], {"tube": "t", "priority": 3},
+                        aggregate=True, kwargs={"a": "%d"}, lease=42)
+    body = BodyTemplate(envelope).body(7, encode_args("echo", envelope.args))
+    assert body == encode(envelope)
+    assert decode(body) == envelope
+
+
+def test_put_many_replies_match_bodies_in_order(pool_env: dict[str, str]) -> None:
+    queue, tube = backends().queue, pool_env["PACKMULE_TUBE"]
+    bodies = [b"job %d " % n + b"y" * (n % 300) for n in range(1_200)]  # several chunks
+    stored: list[int] = []
+    queue.put_many(0, tube, bodies, priority=10, delay=0, ttr=60, stored=stored)
+    assert len(stored) == len(bodies) and stored == sorted(stored)
+    client = greenstalk.Client(queue.addresses[0], encoding=None)
+    try:
+        assert all(client.peek(job_id).body == body for job_id, body in zip(stored, bodies, strict=True))
+    finally:
+        client.close()
+
+
+def test_a_refused_put_counts_the_rest_of_its_chunk_and_stops(
+        pool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, tube = backends().queue, pool_env["PACKMULE_TUBE"]
+    monkeypatch.setattr(queue_module, "_CHUNK_BYTES", 1 << 20)  # chunks of 500 jobs
+    bodies = [b"small"] * 5 + [BIG.encode()] + [b"small"] * 604
+    stored: list[int] = []
+    with pytest.raises(packmule.JobTooBig, match=queue.names[0]):
+        queue.put_many(0, tube, bodies, priority=10, delay=0, ttr=60, stored=stored)
+    # The first chunk's 499 others were stored, after the refusal too; no later chunk went.
+    assert len(stored) == 499 == _in_tube(0, tube)
+    # beanstalkd skipped the refused body: the connection still speaks the protocol.
+    assert queue.put(0, tube, b"after", priority=10, delay=0, ttr=60) > stored[-1]
+
+
+def test_enqueue_each_across_the_pool_keeps_order(pool_env: dict[str, str]) -> None:
+    tube, count = pool_env["PACKMULE_TUBE"], 3_000
+    refs = Adder("pool").enqueue_each("echo", [(i, 0) for i in range(count)])
+    queue = backends().queue
+    numbers = [ref.number for ref in refs]
+    assert numbers == list(range(numbers[0], numbers[0] + count))
+    assert [ref.server for ref in refs] == [queue.names[n % 2] for n in numbers]
+    assert Adder("pool").update_progress().total == count
+    item_of = {ref.number: i for i, ref in enumerate(refs)}
+    for index in (0, 1):
+        assert _in_tube(index, tube) == count // 2
+        seen = _drain(queue, index, tube)
+        assert [job for job, _ in seen] == sorted(job for job, _ in seen), "put out of order"
+        assert all(args == [[item_of[job], 0]] for job, args in seen)
+
+
+def _drain(queue: Queue, index: int, tube: str) -> list[tuple[int, list[object]]]:
+    """(job number, args) of every ready job on server ``index``, in beanstalkd id order."""
+    client = greenstalk.Client(queue.addresses[index], encoding=None, watch=tube)
+    found: list[tuple[int, int, list[object]]] = []
+    try:
+        while True:
+            try:
+                job = client.reserve(timeout=0)
+            except greenstalk.TimedOutError:
+                break
+            envelope = decode(job.body)
+            found.append((job.id, envelope.job, envelope.args))
+            client.delete(job)
+    finally:
+        client.close()
+    return [(number, args) for _, number, args in sorted(found)]
+
+
+def test_a_too_big_job_in_a_pool_batch_is_refused_before_any_put(
+        pool_env: dict[str, str]) -> None:
+    tube = pool_env["PACKMULE_TUBE"]
+    with pytest.raises(packmule.JobTooBig, match="max-job-size 65535"):
+        Adder("big").enqueue_each("echo", [(i, 0) for i in range(1_000)] + [(BIG, 0)])
+    assert _in_tube(0, tube) == _in_tube(1, tube) == 0
+    assert Adder("big").update_progress().total == 0
+
+
+def test_a_run_across_the_pool_sums_every_job(pool_env: dict[str, str]) -> None:
+    workers = Workers(pool_env)
+    try:
+        workers.start("runners", 2)
+        assert Adder("pool-run").run(2_000) == sum(range(2_000))
+    finally:
+        workers.stop()
+
+
+def test_a_server_failing_mid_batch_uncounts_exactly_the_unput_jobs(
+        pool: LocalServers, pool_env: dict[str, str]) -> None:
+    tube, runner = pool_env["PACKMULE_TUBE"], Adder("drained")
+    queue = backends().queue
+    (warm,) = runner.enqueue_each("echo", [(0, 0)])  # the run exists; numbers go on from here
+    drained = queue.names.index(warm.server)  # the batch below puts on the other server first
+    os.kill(_server_pid(queue, drained), signal.SIGUSR1)  # beanstalkd's drain mode: it refuses every put
+    try:
+        with pytest.raises(packmule.QueueUnavailable, match="draining") as caught:
+            runner.enqueue_each("echo", [(i, 0) for i in range(100)])
+        assert caught.value.address == queue.names[drained]
+        assert _in_tube(1 - drained, tube) == 50 and _in_tube(drained, tube) == 1
+        assert runner.update_progress().total == 51
+    finally:
+        pool.restart_beanstalkd(drained)
+
+
+def _server_pid(queue: Queue, index: int) -> int:
+    client = greenstalk.Client(queue.addresses[index], encoding=None)
+    try:
+        return int(client.stats()["pid"])
+    finally:
+        client.close()
