@@ -44,9 +44,9 @@ def install() -> str | None:
     folder = os.environ.get("PACKMULE_BENCH_TRACE")
     if not folder or _out is not None:
         return None if _out is not None else "PACKMULE_BENCH_TRACE is not set"
-    wanted = [(aggregate, "complete"), (aggregate, "judge"), (aggregate, "gather"),
+    wanted = [(aggregate, "complete"), (aggregate, "batches_state"), (aggregate, "gather"),
               (aggregate, "aggregate_record"), (coord.Coordinator, "create_if_absent"),
-              (coord.Coordinator, "watch_prefixes"), (coord.Coordinator, "get_prefix")]
+              (coord.Coordinator, "watch_prefixes")]
     gone = [name for owner, name in wanted if not hasattr(owner, name)]
     if gone:
         return f"packmule no longer has {', '.join(gone)}"
@@ -56,7 +56,8 @@ def install() -> str | None:
             _timed(owner, name, name)
     original = coord.Coordinator.watch_prefixes
 
-    def watch_prefixes(self: Any, prefixes: list[str], wake: threading.Event) -> Any:
+    def watch_prefixes(self: Any, prefixes: list[str], wake: threading.Event,
+                       seen: set[str] | None = None) -> Any:
         setter = wake.set
 
         def traced_set() -> None:
@@ -65,7 +66,7 @@ def install() -> str | None:
             setter()
 
         wake.set = traced_set  # type: ignore[method-assign]
-        return original(self, prefixes, wake)
+        return original(self, prefixes, wake, seen)
 
     coord.Coordinator.watch_prefixes = watch_prefixes  # type: ignore[method-assign]
     return None

@@ -441,12 +441,10 @@ PHASES = (
     ("decode envelope + build runner (prepare)", "packmule/execution.py:prepare"),
     ("decode envelope + build runner (decode)", "packmule/envelope.py:decode"),
     ("cancelled? check", "packmule/execution.py:cancelled"),
-    ("KeepAlive thread start", "packmule/worker.py:KeepAlive.__enter__"),
-    ("KeepAlive thread stop/join", "packmule/worker.py:KeepAlive.__exit__"),
+    ("keep-alive arm/disarm", "packmule/worker.py:KeepAlive.watching"),
     ("the job method itself (execute)", "packmule/execution.py:execute"),
     ("record: store.add job outcome", "packmule/store.py:Store.add"),
-    ("record: progress counter (incr noreply)", "packmule/aggregate.py:_count"),
-    ("record: batch counter incr + batch record", "packmule/aggregate.py:_notify"),
+    ("record: progress + batch counters (one packet) + batch record", "packmule/aggregate.py:_notify"),
     ("record: other", "packmule/execution.py:record"),
     ("beanstalkd delete", "greenstalk/__init__.py:Client.delete"),
 )
@@ -576,7 +574,7 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
             continue
         complete = firing[-1]
         inside = [e for e in mine if e[0] == complete[0] and complete[2] <= e[2] <= complete[3]]
-        judge = next(e for e in inside if e[1] == "judge")
+        state = next(e for e in inside if e[1] == "batches_state")
         create = next(e for e in inside if e[1] == "create_if_absent")
         wake = min((e[2] for e in mine if e[0] == me and e[1] == "wake" and e[2] >= create[2]),
                    default=None)
@@ -586,14 +584,14 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
         points = [
             ("last job returned -> its completion starts (worker)", last, complete[2]),
             ("completion: outcome add, counters, batch and aggregate records", complete[2],
-             judge[2]),
-            ("judge: read all N outcomes (worker)", judge[2], judge[3]),
-            ("judge -> etcd create starts", judge[3], create[2]),
+             state[2]),
+            ("batches complete? (worker)", state[2], state[3]),
+            ("-> etcd create starts", state[3], create[2]),
             ("etcd create_if_absent 'fired' marker", create[2], create[3]),
             ("etcd watch delivers the event to the caller", create[3], wake),
-            ("caller: get_prefix, aggregate record, stop watch", wake, gather[2]),
-            ("caller: gather, read all N outcomes again", gather[2], gather[3]),
-            ("caller: -> aggregate method called", gather[3], called),
+            ("caller: aggregate record", wake, gather[2]),
+            ("caller: gather, read all N outcomes once", gather[2], gather[3]),
+            ("caller: settle -> aggregate method called", gather[3], called),
             ("total (traced; tracing adds a little)", last, called),
         ]
         for label, a, b in points:
