@@ -50,6 +50,9 @@ class Context:
     batches: Batches
     job: int | None = None
     batch: str = ""
+    # The last job template built, by (batch, method, tube): a loop of single
+    # enqueues would otherwise encode the same runner, run and options each time.
+    template: tuple[tuple[str, str, str], BodyTemplate] | None = None
 
 
 class Runner:
@@ -185,12 +188,18 @@ class Runner:
     def _template(self, context: Context, batch: str, method: str, tube: str,
                   **extra: Any) -> BodyTemplate:
         """What the bodies of one call's jobs share."""
+        key = (batch, method, tube)
+        if not extra and context.template is not None and context.template[0] == key:
+            return context.template[1]
         # The tube travels with the job: a run's jobs stay in the tube it began in,
         # whatever the worker's own default tube is.
         options = {**self.options, "tube": tube}
-        return BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
-                                     batch, method, [], options, lease=context.scope.lease,
-                                     **extra))
+        template = BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
+                                         batch, method, [], options, lease=context.scope.lease,
+                                         **extra))
+        if not extra:
+            context.template = (key, template)
+        return template
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
               **extra: Any) -> tuple[int, bytes]:
