@@ -29,7 +29,7 @@ from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import decode
 from packmule.errors import JobCancelled, PackmuleError, ServerError
-from packmule.queue import PARK_SECONDS, connect, naming
+from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.retry import backoff_seconds
 
 log = logging.getLogger("packmule.worker")
@@ -112,6 +112,9 @@ class Worker:
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
         self._keepalive = KeepAlive()
         self._next = 0
+        # (server index, job id) of the last finished job: its delete is sent
+        # with the next reserve on that server (one write, one round trip).
+        self._finished: tuple[int, int] | None = None
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -133,9 +136,12 @@ class Worker:
                 pause = backoff_seconds(failures, base=0.2, cap=5.0)
                 log.warning("%s; retrying in %.1f s", err, pause)
                 time.sleep(pause)
+        with suppress(ServerError):
+            self._delete_finished()
 
     def _close_clients(self) -> None:
         """Close the reserving connections (their reserved jobs go back to ready)."""
+        self._finished = None  # handed out again: its next execution finds it recorded
         for client in self._clients.values():
             with suppress(OSError):
                 client.close()
@@ -153,7 +159,8 @@ class Worker:
             return False
         index, job = reserved
         with naming(format_address(self.settings.beanstalkd[index]), "job handling"):
-            self._handle(self._clients[index], job)
+            if self._handle(self._clients[index], job):
+                self._finished = (index, job.id)
         return True
 
     def _client(self, index: int) -> greenstalk.Client[bytes]:
@@ -174,15 +181,35 @@ class Worker:
             timeout = 1 if attempt == servers - 1 else 0
             address = format_address(self.settings.beanstalkd[index])
             with naming(address, "reserve"):
-                try:
-                    job = self._client(index).reserve(timeout=timeout)
-                except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
-                    continue
-            self._next = index + 1
-            return index, job
+                job = self._reserve_on(index, timeout)
+            if job is not None:
+                self._next = index + 1
+                return index, job
         return None
 
-    def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> None:
+    def _reserve_on(self, index: int, timeout: int) -> greenstalk.Job[bytes] | None:
+        """Reserve from server ``index``, sending the last finished job's delete along."""
+        client = self._client(index)
+        if self._finished is not None and self._finished[0] == index:
+            job_id, self._finished = self._finished[1], None
+            return delete_then_reserve(client, job_id, timeout)
+        self._delete_finished()
+        try:
+            return client.reserve(timeout=timeout)
+        except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
+            return None
+
+    def _delete_finished(self) -> None:
+        """Delete the last finished job on its own (stopping, or next reserve elsewhere)."""
+        if self._finished is None:
+            return
+        (index, job_id), self._finished = self._finished, None
+        with naming(format_address(self.settings.beanstalkd[index]), "delete"), \
+                suppress(greenstalk.NotFoundError):
+            self._clients[index].delete(job_id)
+
+    def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> bool:
+        """Handle one job; True if it finished and is left for the loop to delete."""
         try:
             envelope = decode(job.body)
             runner = execution.prepare(envelope, self.allowed)
@@ -193,9 +220,9 @@ class Worker:
             # a forged envelope can make importing or constructing fail any way.
             log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
             client.bury(job)
-            return
+            return False
         try:
-            self._execute(client, job, runner, envelope)
+            return self._execute(client, job, runner, envelope)
         except ServerError:
             raise
         except JobCancelled:  # the keep-alive's interruption can land just after the job ran
@@ -208,12 +235,13 @@ class Worker:
                       envelope.method, text)
             execution.fail(runner, envelope, text)
             client.bury(job)
+        return False
 
     def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                 runner: Any, envelope: Any) -> None:
+                 runner: Any, envelope: Any) -> bool:
         if execution.cancelled(runner):
             client.delete(job)
-            return
+            return False
         ttr = runner.time_to_run or self.settings.ttr_seconds
         try:
             # The keep-alive thread must use its own connections: backends() there.
@@ -222,19 +250,19 @@ class Worker:
                 result = execution.execute(runner, envelope)
         except JobCancelled:
             client.delete(job)
-            return
+            return False
         except ServerError:
             raise
         except Exception as err:
             self._on_job_error(client, job, runner, envelope, err)
-            return
+            return False
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
             if result.recheck and execution.recorded(runner, envelope):
                 client.kick_job(job)
-            return
+            return False
         execution.record(runner, envelope, result)
-        client.delete(job)
+        return True
 
     def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                       runner: Any, envelope: Any, err: Exception) -> None:
