@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 from packmule import runs
@@ -46,11 +45,12 @@ class RunScope:
     identity: str
     backends: Backends
     count_progress: bool = True
+    keys: RunKeys = field(init=False, repr=False)
 
-    @cached_property
-    def keys(self) -> RunKeys:
-        """This run's memcached keys."""
-        return RunKeys(self.backends.settings.namespace, self.run)
+    def __post_init__(self) -> None:
+        # A plain attribute, not a cached_property: a worker builds a scope per
+        # job, and cached_property takes a lock on first use.
+        self.keys = RunKeys(self.backends.settings.namespace, self.run)
 
     def ref(self, number: int, batch: str = "") -> JobRef:
         """The JobRef of job ``number`` of this run."""

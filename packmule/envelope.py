@@ -20,9 +20,10 @@ FORMAT = 1
 _STRICT = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Envelope:
-    """One job as carried by beanstalkd.
+    """One job as carried by beanstalkd (not frozen: a worker builds one per job, and
+    a frozen dataclass pays for every field it sets).
 
     Attributes:
         runner: ``module:QualName`` of the runner class.

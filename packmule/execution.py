@@ -43,6 +43,9 @@ def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
     Raises:
         DecodeError: the module is not allowed, or does not hold a Runner class there.
     """
+    known = _CLASSES.get((envelope.runner, allowed))
+    if known is not None:
+        return known
     module_name, _, qualname = envelope.runner.partition(":")
     if module_name not in allowed:
         raise DecodeError(f"runner module {module_name!r} is not in this worker's --import list")
@@ -51,7 +54,11 @@ def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
         target = getattr(target, part, None)
     if not (isinstance(target, type) and issubclass(target, Runner)):
         raise DecodeError(f"{envelope.runner} is not a packmule Runner class")
+    _CLASSES[(envelope.runner, allowed)] = target
     return target
+
+
+_CLASSES: dict[tuple[str, frozenset[str]], type[Runner]] = {}  # found by load_runner
 
 
 def prepare(envelope: Envelope, allowed: frozenset[str]) -> Runner:

@@ -84,8 +84,12 @@ class Runner:
             if key not in _OPTIONS:
                 raise ConfigurationError(f"{type(self).__name__}: unknown option {key!r}")
             setattr(self, key, value)
-        dumps(options, what=f"options of {type(self).__name__}")
-        self._check_options()
+        checked = _checked_key(type(self), options)
+        if checked not in _CHECKED_OPTIONS:
+            dumps(options, what=f"options of {type(self).__name__}")
+            self._check_options()
+            if checked is not None and len(_CHECKED_OPTIONS) < 10_000:
+                _CHECKED_OPTIONS.add(checked)
         self.name = name
         self.options = options
         self._context: Context | None = None
@@ -367,6 +371,20 @@ class Runner:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Override: the whole work. Called in the caller by ``run()``."""
         raise NotImplementedError(f"{type(self).__name__} must define run()")
+
+
+# (class, options) already checked: a worker builds a runner for every job.
+_CHECKED_OPTIONS: set[tuple[type, frozenset[tuple[str, Any]]]] = set()
+
+
+def _checked_key(cls: type, options: dict[str, Any]) -> tuple[type, frozenset[tuple[str, Any]]] | None:
+    """The key of these options in _CHECKED_OPTIONS; None if a value is unhashable (never cached)."""
+    try:
+        key = (cls, frozenset(options.items()))
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pymemcache.client.base import Client
@@ -33,9 +33,13 @@ class RunKeys:
 
     namespace: str
     run: str
+    _prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_prefix", f"{self.namespace}:{self.run}:")
 
     def _key(self, *parts: object) -> str:
-        return ":".join((self.namespace, self.run, *map(str, parts)))
+        return self._prefix + ":".join(map(str, parts))
 
     @property
     def sequence(self) -> str:
