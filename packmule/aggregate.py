@@ -294,8 +294,8 @@ def register_chain(scope: RunScope, batches: Batches, job: int, batch: str, ref:
 def register_aggregate(
     scope: RunScope, batches: Batches, deps: list[JobRef], *,
     park: Callable[[int, str], tuple[int, int]] | None, allow_failures: bool, halt: bool,
-) -> JobRef:
-    """Register an aggregate over ``deps``; its JobRef.
+) -> tuple[JobRef, dict[str, Any]]:
+    """Register an aggregate over ``deps``; its JobRef and the description stored.
 
     ``park`` puts the aggregate's job on beanstalkd in the delayed state and
     returns ``(server index, job id)``; without it the aggregate belongs to a
@@ -314,7 +314,7 @@ def register_aggregate(
     for batch, size in sizes.items():
         add_waiter(scope, batch, size, ["a", number])
     try_fire(scope, number)
-    return scope.ref(number, own_batch)
+    return scope.ref(number, own_batch), record
 
 
 def aggregate_record(scope: RunScope, number: int) -> dict[str, Any] | None:

@@ -240,10 +240,11 @@ class Runner:
         context = self._current_context()
         deps = self._check_refs(context, jobs)
         if context.job is None:
-            ref = aggregate.register_aggregate(
+            ref, record = aggregate.register_aggregate(
                 context.scope, context.batches, deps, park=None,
                 allow_failures=allow_failures, halt=self.halt_on_data_loss)
-            return self._await(context, ref, lambda values: getattr(self, method)(values, *args))
+            return self._await(context, ref, record,
+                               lambda values: getattr(self, method)(values, *args))
 
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
@@ -251,7 +252,7 @@ class Runner:
 
         return aggregate.register_aggregate(
             context.scope, context.batches, deps, park=park,
-            allow_failures=allow_failures, halt=self.halt_on_data_loss)
+            allow_failures=allow_failures, halt=self.halt_on_data_loss)[0]
 
     def _check_refs(self, context: Context, jobs: Iterable[JobRef]) -> list[JobRef]:
         deps = list(jobs)
@@ -265,16 +266,16 @@ class Runner:
         """Block (in the caller) until job ``ref`` finished; its value."""
         context = self._current_context()
         deps = self._check_refs(context, [ref])
-        agg = aggregate.register_aggregate(context.scope, context.batches, deps, park=None,
-                                           allow_failures=False, halt=self.halt_on_data_loss)
-        return self._await(context, agg, lambda values: values[0])
+        agg, record = aggregate.register_aggregate(
+            context.scope, context.batches, deps, park=None, allow_failures=False,
+            halt=self.halt_on_data_loss)
+        return self._await(context, agg, record, lambda values: values[0])
 
-    def _await(self, context: Context, ref: JobRef, call: Callable[[list[Any]], Any]) -> Any:
+    def _await(self, context: Context, ref: JobRef, record: dict[str, Any],
+               call: Callable[[list[Any]], Any]) -> Any:
+        """Wait for the aggregate ``ref`` (described by ``record``) and call it in this process."""
         scope = context.scope
         waiting.until_fired(scope, ref.number)
-        record = aggregate.aggregate_record(scope, ref.number)
-        if record is None:
-            raise ResultMissing(f"run {scope.run}: the aggregate's description was lost", [ref])
         value = call(waiting.settled_values(scope, record))
         if isinstance(value, JobRef):
             value = self.wait(value)
