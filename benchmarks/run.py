@@ -589,7 +589,7 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
             ("-> etcd create starts", state[3], create[2]),
             ("etcd create_if_absent 'fired' marker", create[2], create[3]),
             ("etcd watch delivers the event to the caller", create[3], wake),
-            ("caller: aggregate record", wake, gather[2]),
+            ("caller: wake-up -> gather starts (watch stopped)", wake, gather[2]),
             ("caller: gather, read all N outcomes once", gather[2], gather[3]),
             ("caller: settle -> aggregate method called", gather[3], called),
             ("total (traced; tracing adds a little)", last, called),
