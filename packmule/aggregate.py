@@ -10,11 +10,12 @@ Both sides write first, then read: a completion increments ``d:B`` then
 reads ``b:B``; a registration writes ``b:B`` then reads ``d:B``. Whoever
 comes second sees the batch complete, so the last completion is never
 missed (no registration race), and when both see it the etcd marker
-decides (exactly-once). A redelivered job increments ``d:B`` again, so the
-counter may run ahead; before firing, the dependencies' records are read,
-and a missing one either means memcached lost state (its sentinel is gone
-or it evicted keys: a loss, reported) or a job not done yet (wait: its
-completion will check again).
+records the firing once. A redelivered job increments ``d:B`` again, so the
+counter may run ahead of the values: the aggregate's consumer (the blocked
+caller, or the aggregate's parked job once kicked) reads the values once
+and :func:`settle` says whether a missing one means memcached lost state
+(its sentinel is gone or it evicted keys: a loss, reported) or a job not
+done yet (wait: its completion fires, and kicks, again).
 """
 
 from __future__ import annotations

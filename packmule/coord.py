@@ -56,7 +56,7 @@ class Coordinator:
         return f"{self.prefix}/runs/{run_identity}"
 
     def marker_prefix(self, run: str, aggregate: int) -> str:
-        """Prefix of one aggregate's markers: ``fired``, ``failed``, ``lost``."""
+        """Prefix of one aggregate's markers (``fired``: its batches are all complete)."""
         return f"{self.prefix}/r/{run}/a/{aggregate}/"
 
     def run_lost_key(self, run: str) -> str:
