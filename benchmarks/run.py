@@ -691,7 +691,9 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     say(f"{verdict(ratio <= 1.5)}  run() at N=10,000 within 1.5x of the floor: {ratio:.2f}x")
     if 100_000 in times:
         growth = times[100_000][1] / run10k
-        say(f"{verdict(growth <= 11)}  run() at N=100,000 within 11x of N=10,000: {growth:.2f}x")
+        floor_growth = times[100_000][0] / floor10k  # the machine's own drift, for context
+        say(f"{verdict(growth <= 11)}  run() at N=100,000 within 11x of N=10,000: {growth:.2f}x "
+            f"(the floor in the same run: {floor_growth:.2f}x)")
     else:
         say(f"{verdict(None)}  run() at N=100,000 within 11x of N=10,000: not run with --quick")
     say(f"{verdict(fanin < 0.005)}  fan-in median < 5 ms: {fanin * 1000:.2f} ms")
