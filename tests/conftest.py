@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,23 +34,35 @@ def servers() -> Iterator[LocalServers]:
         yield local
 
 
-@pytest.fixture
-def env(servers: LocalServers) -> Iterator[dict[str, str]]:
-    """Settings for one test: the session's servers, a fresh namespace and tube."""
+@contextmanager
+def isolated_settings(local: LocalServers) -> Iterator[dict[str, str]]:
+    """Settings for one test on ``local``'s servers: a fresh namespace and tube.
+
+    Yields the variables a worker process needs (``PACKMULE_*``, ``PYTHONPATH``).
+    """
     namespace = f"t{uuid.uuid4().hex[:10]}"
-    variables = {**servers.env(), "PACKMULE_NAMESPACE": namespace}
+    variables = {**local.env(), "PACKMULE_NAMESPACE": namespace}
     saved = {k: os.environ.get(k) for k in variables}
     os.environ.update(variables)
     config.reset()
     packmule.configure(tube=namespace, health_check_seconds=(0.1, 0.5),
                        retry_base_seconds=0.2, retry_max_seconds=1.0)
-    yield {**variables, "PACKMULE_TUBE": namespace, "PYTHONPATH": PYTHONPATH}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    config.reset()
+    try:
+        yield {**variables, "PACKMULE_TUBE": namespace, "PYTHONPATH": PYTHONPATH}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        config.reset()
+
+
+@pytest.fixture
+def env(servers: LocalServers) -> Iterator[dict[str, str]]:
+    """Settings for one test: the session's servers, a fresh namespace and tube."""
+    with isolated_settings(servers) as variables:
+        yield variables
 
 
 class Workers:

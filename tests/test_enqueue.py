@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 
 import greenstalk
 import pytest
-from conftest import PYTHONPATH, Workers
+from conftest import Workers, isolated_settings
 from runners import Adder
 
 import packmule
-from packmule import config
 from packmule import queue as queue_module
 from packmule.backends import backends
 from packmule.envelope import BodyTemplate, Envelope, decode, encode, encode_args
@@ -36,19 +34,8 @@ def pool() -> Iterator[LocalServers]:
 @pytest.fixture
 def pool_env(pool: LocalServers) -> Iterator[dict[str, str]]:
     """Settings for one test on the pool: a fresh namespace and tube."""
-    namespace = f"t{uuid.uuid4().hex[:10]}"
-    variables = {**pool.env(), "PACKMULE_NAMESPACE": namespace}
-    saved = {k: os.environ.get(k) for k in variables}
-    os.environ.update(variables)
-    config.reset()
-    packmule.configure(tube=namespace, health_check_seconds=(0.1, 0.5))
-    yield {**variables, "PACKMULE_TUBE": namespace, "PYTHONPATH": PYTHONPATH}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    config.reset()
+    with isolated_settings(pool) as variables:
+        yield variables
 
 
 def _in_tube(index: int, tube: str) -> int:
