@@ -184,14 +184,6 @@ def batches_state(scope: RunScope, batches: list[str]) -> str:
     return "done" if done else "pending"
 
 
-def read_outcomes(scope: RunScope, numbers: list[int]) -> dict[int, Outcome | None]:
-    """The recorded outcome of each job (None: not finished, or lost)."""
-    names = [scope.keys.job(n) for n in numbers]
-    found = scope.backends.store.get_many(names)
-    return {n: (None if (raw := found.get(name)) is None else Outcome.decode(raw))
-            for n, name in zip(numbers, names, strict=True)}
-
-
 def report_loss(scope: RunScope, jobs: list[int], why: str) -> None:
     """Tell every waiter of the run (through etcd) that memcached lost its state."""
     coord = scope.backends.coord
@@ -272,12 +264,14 @@ def trigger(scope: RunScope, waiter: Waiter) -> None:
         try_fire(scope, waiter[1])
         return
     _, chained, source, chained_batch = waiter
-    outcome = read_outcomes(scope, [source])[source]
-    if outcome is None:
+    raw = scope.backends.store.get(scope.keys.job(source))
+    if raw is None:
         outcome = Outcome.missing([source], "the value of a chained job is gone")
-    elif not outcome.ok:
-        outcome = Outcome(False, job=outcome.job, traceback=outcome.traceback, own=False,
-                          lost=outcome.lost, lost_jobs=outcome.lost_jobs)
+    else:
+        outcome = Outcome.decode(raw)
+        if not outcome.ok:
+            outcome = Outcome(False, job=outcome.job, traceback=outcome.traceback, own=False,
+                              lost=outcome.lost, lost_jobs=outcome.lost_jobs)
     complete(scope, chained, chained_batch, outcome)
 
 
