@@ -96,8 +96,9 @@ class BodyTemplate:
     run, options and the rest again for every job, and its arguments twice
     (once to refuse a bad value before anything is counted, once in the
     body). This encodes the shared fields once and splices in each job's
-    number and its already encoded arguments. The bytes are those
-    :func:`encode` gives for the same envelope (a test holds them equal).
+    number and its already encoded arguments. The bytes are those of the
+    whole envelope as one JSON object, ``{"packmule": FORMAT, **fields}``
+    (a test holds them equal).
     """
 
     def __init__(self, envelope: Envelope) -> None:
@@ -115,13 +116,6 @@ class BodyTemplate:
     def body(self, number: int, args: bytes) -> bytes:
         """The body of job ``number``; ``args`` from :func:`encode_args`."""
         return b"%b%d%b%b%b" % (self._head, number, self._middle, args, self._tail)
-
-
-def encode(envelope: Envelope) -> bytes:
-    """The job body for ``envelope``; arguments must already be checked."""
-    # vars(), not dataclasses.asdict(): asdict deep-copies the arguments, a
-    # third of enqueue_each's time.
-    return dumps({"packmule": FORMAT, **vars(envelope)}, what=f"job {envelope.method}")
 
 
 _FIELD_TYPES = {

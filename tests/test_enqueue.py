@@ -18,7 +18,7 @@ from runners import Adder
 import packmule
 from packmule import queue as queue_module
 from packmule.backends import backends
-from packmule.envelope import BodyTemplate, Envelope, decode, encode, encode_args
+from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args
 from packmule.queue import Queue
 from packmule.servers import LocalServers, start_local_servers
 
@@ -42,12 +42,12 @@ def _in_tube(index: int, tube: str) -> int:
     return backends().queue.tube_stats(index, tube).get("total-jobs", 0)
 
 
-def test_template_bodies_are_the_bytes_encode_gives() -> None:
+def test_template_bodies_are_the_whole_envelope_as_one_json_object() -> None:
     envelope = Envelope("mod:Cls", 'n "quoted" 100% \u00e9\u2603', "run-1", 7, "caller.ab", "echo",
                         [1, "\u2603", {"k": [None, True, 1.5]}], {"tube": "t", "priority": 3},
                         aggregate=True, kwargs={"a": "%d"}, lease=42)
     body = BodyTemplate(envelope).body(7, encode_args("echo", envelope.args))
-    assert body == encode(envelope)
+    assert body == dumps({"packmule": FORMAT, **vars(envelope)})
     assert decode(body) == envelope
 
 
