@@ -107,6 +107,7 @@ class Worker:
         self.settings = config or settings()
         self.allowed = frozenset(imports)
         self.tubes = tubes or [self.settings.tube]
+        self._names = [format_address(a) for a in self.settings.beanstalkd]  # for errors
         self.burst = burst
         self.stopping = False
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
@@ -122,8 +123,7 @@ class Worker:
             __import__(module)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        log.info("worker %d watching %s on %s", os.getpid(), self.tubes,
-                 [format_address(a) for a in self.settings.beanstalkd])
+        log.info("worker %d watching %s on %s", os.getpid(), self.tubes, self._names)
         failures = 0
         while not self.stopping:
             try:
@@ -158,7 +158,7 @@ class Worker:
         if reserved is None:
             return False
         index, job = reserved
-        with naming(format_address(self.settings.beanstalkd[index]), "job handling"):
+        with naming(self._names[index], "job handling"):
             if self._handle(self._clients[index], job):
                 self._finished = (index, job.id)
         return True
@@ -179,8 +179,7 @@ class Worker:
         for attempt in range(servers):
             index = (self._next + attempt) % servers
             timeout = 1 if attempt == servers - 1 else 0
-            address = format_address(self.settings.beanstalkd[index])
-            with naming(address, "reserve"):
+            with naming(self._names[index], "reserve"):
                 job = self._reserve_on(index, timeout)
             if job is not None:
                 self._next = index + 1
@@ -204,7 +203,7 @@ class Worker:
         if self._finished is None:
             return
         (index, job_id), self._finished = self._finished, None
-        with naming(format_address(self.settings.beanstalkd[index]), "delete"), \
+        with naming(self._names[index], "delete"), \
                 suppress(greenstalk.NotFoundError):
             self._clients[index].delete(job_id)
 
