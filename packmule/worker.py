@@ -258,7 +258,9 @@ class Worker:
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
             if result.recheck and execution.recorded(runner, envelope):
-                client.kick_job(job)
+                # NOT_FOUND: the straggler's own kick came first; the job is ready already.
+                with suppress(greenstalk.NotFoundError):
+                    client.kick_job(job)
             return False
         execution.record(runner, envelope, result)
         return True
