@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from packmule import runs
@@ -270,8 +270,7 @@ def trigger(scope: RunScope, waiter: Waiter) -> None:
     else:
         outcome = Outcome.decode(raw)
         if not outcome.ok:
-            outcome = Outcome(False, job=outcome.job, traceback=outcome.traceback, own=False,
-                              lost=outcome.lost, lost_jobs=outcome.lost_jobs)
+            outcome = replace(outcome, own=False)
     complete(scope, chained, chained_batch, outcome)
 
 
@@ -396,8 +395,7 @@ def settle(scope: RunScope, record: dict[str, Any], gathered: Gathered) -> Outco
         return Outcome.missing(gathered.missing, "memcached lost the values of jobs")
     if gathered.failure is not None and not record["af"]:
         first = gathered.failure
-        return Outcome(False, job=first.job, traceback=first.traceback, lost=first.lost,
-                       lost_jobs=first.lost_jobs)
+        return replace(first, own=False)
     if gathered.missing:
         scope.backends.store.incr_quietly(scope.keys.lost, len(gathered.missing))
     return None

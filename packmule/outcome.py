@@ -56,6 +56,7 @@ class Outcome:
             False when the failure came from a dependency.
         lost: True when the failure is memcached having lost state.
         lost_jobs: for a loss, numbers of the jobs whose state was lost.
+        method: for a failure, the method of the job that failed (for messages).
     """
 
     ok: bool
@@ -65,6 +66,7 @@ class Outcome:
     own: bool = False
     lost: bool = False
     lost_jobs: tuple[int, ...] = ()
+    method: str = ""
 
     @classmethod
     def done(cls, value: Any) -> Outcome:
@@ -72,9 +74,9 @@ class Outcome:
         return cls(True, value)
 
     @classmethod
-    def failed(cls, job: int, traceback: str, *, own: bool) -> Outcome:
-        """A failure of ``job`` (``own``: this very job raised)."""
-        return cls(False, job=job, traceback=traceback, own=own)
+    def failed(cls, job: int, traceback: str, *, own: bool, method: str = "") -> Outcome:
+        """A failure of ``job`` (``own``: this very job raised), whose method was ``method``."""
+        return cls(False, job=job, traceback=traceback, own=own, method=method)
 
     @classmethod
     def missing(cls, jobs: list[int], why: str) -> Outcome:
@@ -86,7 +88,7 @@ class Outcome:
         if self.ok:
             return dumps({"v": self.value}, what=what)
         return dumps({"f": self.job, "tb": self.traceback, "own": self.own,
-                      "lost": list(self.lost_jobs) if self.lost else None})
+                      "lost": list(self.lost_jobs) if self.lost else None, "m": self.method})
 
     @classmethod
     def decode(cls, data: bytes) -> Outcome:
@@ -100,4 +102,4 @@ class Outcome:
             return cls(True, record["v"])
         lost = record.get("lost")
         return cls(False, job=record["f"], traceback=record["tb"], own=record["own"],
-                   lost=lost is not None, lost_jobs=tuple(lost or ()))
+                   lost=lost is not None, lost_jobs=tuple(lost or ()), method=record.get("m", ""))
