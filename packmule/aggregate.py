@@ -20,6 +20,7 @@ done yet (wait: its completion fires, and kicks, again).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -63,9 +64,13 @@ class Batches:
     """The batches of one context: the open one and the sizes of all.
 
     In a job (``replayable``), each allocation of job numbers is recorded
-    under the job's own key, so a redelivered job that executes again gets
+    under the job's own key with a signature of the call (method and
+    arguments), so a redelivered job that makes the same calls again gets
     the same numbers and batches: its children and aggregates are the same
-    jobs again (counted once, fired once), not a second set.
+    jobs again (counted once, fired once), not a second set. An execution
+    that makes a different call (a retry taking another path, a fix deployed
+    before a kick) gets fresh numbers from there on: it never receives the
+    value of a job it did not enqueue.
     """
 
     def __init__(self, scope: RunScope, origin: str, *, replayable: bool = False) -> None:
@@ -75,31 +80,51 @@ class Batches:
         self.current: str | None = None
         self.sizes: dict[str, int] = {}
         self._allocations = 0
+        self._diverged = False  # this execution's calls left the recorded ones
 
-    def reserve(self, count: int) -> tuple[int, str]:
-        """Number ``count`` new jobs and count them in the open batch: ``(first, batch)``."""
+    def reserve(self, count: int, signature: str = "") -> tuple[int, str]:
+        """Number ``count`` new jobs and count them in the open batch: ``(first, batch)``.
+
+        ``signature`` identifies the call (see :func:`call_signature`); a
+        recorded allocation is replayed only for the same count and signature.
+        """
         self._allocations += 1
-        store, key = self.scope.backends.store, self.scope.keys.allocation(
-            self.origin, self._allocations)
-        if self.replayable:
-            replayed = self._replay(store.get(key), count)
+        if not self.replayable:
+            return allocate(self.scope, count), self._join(count)
+        store = self.scope.backends.store
+        key = self.scope.keys.allocation(self.origin, self._allocations)
+        if not self._diverged:
+            raw = store.get(key)
+            replayed = self._replay(raw, count, signature)
             if replayed:
                 return replayed
+            self._diverged = raw is not None
         first, batch = allocate(self.scope, count), self._join(count)
-        if self.replayable and not store.add(key, dumps([first, count, batch])):
-            self.sizes[batch] -= count  # a twin execution recorded first: use its numbers
-            replayed = self._replay(store.get(key), count)
+        record = dumps([first, count, batch, signature])
+        if self._diverged:
+            store.set(key, record)  # a later execution making this one's calls replays them
+        elif not store.add(key, record):  # a twin execution recorded first: use its numbers
+            replayed = self._replay(store.get(key), count, signature, instead_of=(batch, count))
             if replayed:
                 return replayed
-            self.sizes[batch] += count
+            self._diverged = True
         return first, batch
 
-    def _replay(self, raw: bytes | None, count: int) -> tuple[int, str] | None:
+    def _replay(self, raw: bytes | None, count: int, signature: str, *,
+                instead_of: tuple[str, int] | None = None) -> tuple[int, str] | None:
+        """The recorded ``(first, batch)`` if ``raw`` records this same call, else None.
+
+        ``instead_of``: an allocation just made that the replay replaces (its
+        jobs will never be put): uncounted from its batch and the run's total.
+        """
         if raw is None:
             return None
-        first, recorded, batch = loads(raw)
-        if recorded != count:  # this execution differs from the first: fresh numbers
+        first, recorded, batch, *rest = loads(raw)
+        if (recorded, rest) != (count, [signature]):
             return None
+        if instead_of is not None:
+            self.sizes[instead_of[0]] -= instead_of[1]
+            self.scope.backends.store.decr_quietly(self.scope.keys.total, instead_of[1])
         self.current = batch
         self.sizes[batch] = self.sizes.get(batch, 0) + count
         return first, batch
@@ -127,6 +152,15 @@ class Batches:
         if batch == self.current:
             self.current = None
         return self.sizes[batch]
+
+
+def call_signature(method: str, *parts: bytes) -> str:
+    """A short digest of one enqueue or deferred_result call: its method and encoded arguments."""
+    digest = hashlib.blake2b(method.encode(), digest_size=8)
+    for part in parts:
+        digest.update(b"\0")
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def allocate(scope: RunScope, count: int) -> int:
@@ -196,14 +230,35 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome
 
     The first outcome recorded wins, except that a failure is replaced by a
     value (a buried job kicked after a fix). Returns the recorded outcome.
+
+    A completion can complete chained jobs (a job that returned this job's
+    JobRef), which can complete theirs: they are worked off a list, never by
+    recursion, so a chain of any depth costs no stack.
     """
+    pending: list[Completion] = [(job, batch, outcome)]
+    recorded: Outcome | None = None
+    while pending:
+        effective = _complete_one(scope, *pending.pop(), pending)
+        recorded = recorded or effective
+    assert recorded is not None
+    return recorded
+
+
+Completion = tuple[int, str, Outcome]  # (job, its batch, how it ended)
+
+
+def _complete_one(scope: RunScope, job: int, batch: str, outcome: Outcome,
+                  pending: list[Completion]) -> Outcome:
+    """Record one job's outcome and notify its batch; chained completions go to ``pending``."""
     effective, revived, counted = _record(scope, job, outcome)
     counting: list[Quiet] = []
     if not counted and job != ROOT_JOB and scope.count_progress:
         # The record ends with a newline once counted (JSON ignores it): a job
         # that dies between recording and counting is counted when it runs again.
         counting = [*_count(scope, effective, revived), Quiet("append", scope.keys.job(job), COUNTED)]
-    _notify(scope, job, batch, counting)
+    if revived is not None:  # a kicked job succeeded: its run, failed by it, is running again
+        runs.resume(scope.backends, scope.run)
+    pending.extend(_notify(scope, job, batch, counting))
     if job == ROOT_JOB:
         runs.finish(scope.backends, scope.identity, scope.run, scope.lease, effective)
     return effective
@@ -237,41 +292,53 @@ def _count(scope: RunScope, outcome: Outcome, revived: Outcome | None) -> list[Q
     return [Quiet("incr", keys.failed)] if outcome.own else []
 
 
-def _notify(scope: RunScope, job: int, batch: str, counting: list[Quiet]) -> None:
-    """Count the completion in its batch (after the progress writes) and wake its waiters."""
+def _notify(scope: RunScope, job: int, batch: str, counting: list[Quiet]) -> list[Completion]:
+    """Count the completion in its batch (after the progress writes) and wake its waiters.
+
+    Returns the completions of chained jobs that can now finish.
+    """
     store, keys = scope.backends.store, scope.keys
     done = store.incr(keys.batch_done(batch), quiet_first=counting)
     if done is None:
         report_loss(scope, [job], f"the completion counter of batch {batch} is gone")
-        return
+        return []
     sizes = scope.backends.batch_sizes
     if done < sizes.get(batch, 0):
-        return  # a closed batch's size never changes: skip the read until it may be done
+        return []  # a closed batch's size never changes: skip the read until it may be done
     raw = store.get(keys.batch(batch))
-    if raw is not None:
-        record = loads(raw)
-        if len(sizes) > 100_000:
-            sizes.clear()
-        sizes[batch] = record["k"]
-        if done >= record["k"]:
-            for waiter in record["w"]:
-                trigger(scope, waiter)
+    if raw is None:
+        return []
+    record = loads(raw)
+    if len(sizes) > 100_000:
+        sizes.clear()
+    sizes[batch] = record["k"]
+    if done < record["k"]:
+        return []
+    chained = (trigger(scope, waiter) for waiter in record["w"])
+    return [completion for completion in chained if completion is not None]
 
 
-def trigger(scope: RunScope, waiter: Waiter) -> None:
-    """Act for a waiter whose batches look complete."""
+def trigger(scope: RunScope, waiter: Waiter) -> Completion | None:
+    """Act for a waiter whose batches look complete.
+
+    An aggregate is fired (if it is ready). A chained job can finish once its
+    source recorded an outcome: its completion is returned for the caller to
+    record. A batch counted complete while its source has no outcome yet
+    (a redelivered sibling counted twice) is not a loss: the source's own
+    completion triggers the waiter again. Only memcached having lost the
+    run's state makes the missing value a loss.
+    """
     if waiter[0] == "a":
         try_fire(scope, waiter[1])
-        return
+        return None
     _, chained, source, chained_batch = waiter
     raw = scope.backends.store.get(scope.keys.job(source))
-    if raw is None:
-        outcome = Outcome.missing([source], "the value of a chained job is gone")
-    else:
+    if raw is not None:
         outcome = Outcome.decode(raw)
-        if not outcome.ok:
-            outcome = replace(outcome, own=False)
-    complete(scope, chained, chained_batch, outcome)
+        return chained, chained_batch, (outcome if outcome.ok else replace(outcome, own=False))
+    if runs.state_lost(scope.backends, scope.run):
+        return chained, chained_batch, Outcome.missing([source], "the value of a chained job is gone")
+    return None
 
 
 def register_chain(scope: RunScope, batches: Batches, job: int, batch: str, ref: JobRef) -> None:
@@ -280,7 +347,9 @@ def register_chain(scope: RunScope, batches: Batches, job: int, batch: str, ref:
     add_waiter(scope, ref.batch, batches.close(ref.batch), waiter)
     state = batches_state(scope, [ref.batch])
     if state == "done":
-        trigger(scope, waiter)
+        completion = trigger(scope, waiter)
+        if completion is not None:
+            complete(scope, *completion)
     elif state == "lost":
         report_loss(scope, [ref.number], "the batch of a chained job is gone")
 
@@ -288,6 +357,7 @@ def register_chain(scope: RunScope, batches: Batches, job: int, batch: str, ref:
 def register_aggregate(
     scope: RunScope, batches: Batches, deps: list[JobRef], *,
     park: Callable[[int, str], tuple[int, int]] | None, allow_failures: bool, halt: bool,
+    signature: str = "",
 ) -> tuple[JobRef, dict[str, Any]]:
     """Register an aggregate over ``deps``; its JobRef and the description stored.
 
@@ -296,7 +366,7 @@ def register_aggregate(
     blocked caller, which the etcd marker wakes.
     """
     sizes = {ref.batch: batches.close(ref.batch) for ref in deps}
-    number, own_batch = batches.reserve(1)
+    number, own_batch = batches.reserve(1, signature)
     known = aggregate_record(scope, number)  # registered by an earlier execution
     if known is not None:
         server, job_id = known["srv"], known["bid"]

@@ -173,7 +173,8 @@ class Runner:
         context = self._current_context()
         if not encoded:
             return []
-        first, batch = context.batches.reserve(len(encoded))
+        signature = aggregate.call_signature(method, *encoded) if context.batches.replayable else ""
+        first, batch = context.batches.reserve(len(encoded), signature)
         queue, tube = context.scope.backends.queue, self.tube_name
         stored: list[int] = []
         try:
@@ -250,9 +251,12 @@ class Runner:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
             return index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
 
+        signature = aggregate.call_signature(
+            method, encode_args(method, args), dumps(aggregate.as_ranges(ref.number for ref in deps)),
+            b"allow_failures" if allow_failures else b"")
         return aggregate.register_aggregate(
             context.scope, context.batches, deps, park=park,
-            allow_failures=allow_failures, halt=self.halt_on_data_loss)[0]
+            allow_failures=allow_failures, halt=self.halt_on_data_loss, signature=signature)[0]
 
     def _check_refs(self, context: Context, jobs: Iterable[JobRef]) -> list[JobRef]:
         deps = list(jobs)
