@@ -48,12 +48,14 @@ def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
         return known
     module_name, _, qualname = envelope.runner.partition(":")
     if module_name not in allowed:
-        raise DecodeError(f"runner module {module_name!r} is not in this worker's --import list")
+        raise DecodeError(f"runner module {module_name!r} is not in this worker's --import list "
+                          f"({', '.join(sorted(allowed))}): start workers with --import {module_name}")
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         target = getattr(target, part, None)
     if not (isinstance(target, type) and issubclass(target, Runner)):
-        raise DecodeError(f"{envelope.runner} is not a packmule Runner class")
+        raise DecodeError(f"{envelope.runner} is not a packmule Runner class in the module this "
+                          "worker imported (renamed or removed since the job was enqueued?)")
     _CLASSES[(envelope.runner, allowed)] = target
     return target
 
@@ -149,6 +151,22 @@ def handle(runner: Runner, envelope: Envelope, err: BaseException) -> bool:
     scope = _scope(runner)
     scope.backends.store.incr_quietly(scope.keys.handled)
     record(runner, envelope, value)
+    return True
+
+
+def fail_unrunnable(envelope: Envelope, reason: str) -> bool:
+    """Fail a job no worker here can run, so its run ends saying why; False if no such run.
+
+    The run must exist (its total counter is in memcached): a forged or
+    stale job naming an unknown run is not recorded anywhere.
+    """
+    scope = RunScope(envelope.run, envelope.lease, f"{envelope.runner}/{envelope.name}",
+                     backends())
+    if scope.backends.store.get(scope.keys.total) is None:
+        return False
+    text = f"job {envelope.job} {envelope.method}() of {envelope.runner} cannot run: {reason}"
+    aggregate.complete(scope, envelope.job, envelope.batch,
+                       Outcome.failed(envelope.job, text, own=True, method=envelope.method))
     return True
 
 

@@ -13,16 +13,16 @@ import functools
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, ClassVar
 
-from packmule import aggregate, runs, waiting
+from packmule import aggregate, resume, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
 from packmule.envelope import BodyTemplate, Envelope, check_args, dumps, encode_args
 from packmule.errors import (
     ConfigurationError,
-    EncodeError,
     EnqueueError,
     JobTooBig,
     ResultMissing,
@@ -53,6 +53,9 @@ class Context:
     # The last job template built, by (batch, method, tube): a loop of single
     # enqueues would otherwise encode the same runner, run and options each time.
     template: tuple[tuple[str, str, str], BodyTemplate] | None = None
+    # The last wait that raised RunFailed, and how to hand what it waited for to
+    # the workers (see packmule.resume): the JobRef the run's root can chain to.
+    failed_wait: tuple[BaseException, Callable[[], JobRef]] | None = None
 
 
 class Runner:
@@ -124,7 +127,21 @@ class Runner:
     # Identity ---------------------------------------------------------------
     @classmethod
     def class_path(cls) -> str:
-        """``module:QualName``, how a worker finds the class."""
+        """``module:QualName``, how a worker finds the class.
+
+        Raises:
+            EnqueueError: a worker could never import the class: it is defined
+                in a script (``__main__``) or inside a function.
+        """
+        if cls.__module__ == "__main__":
+            raise EnqueueError(
+                f"{cls.__qualname__} is defined in the script being run (__main__), which "
+                "workers cannot import: move it to a module and start workers with "
+                "--import that.module")
+        if "<locals>" in cls.__qualname__:
+            raise EnqueueError(
+                f"{cls.__module__}:{cls.__qualname__} is defined inside a function, where "
+                "workers cannot find it: define it at the top level of its module")
         return f"{cls.__module__}:{cls.__qualname__}"
 
     @property
@@ -240,23 +257,40 @@ class Runner:
         check_args(method, args)
         context = self._current_context()
         deps = self._check_refs(context, jobs)
-        if context.job is None:
-            ref, record = aggregate.register_aggregate(
-                context.scope, context.batches, deps, park=None,
-                allow_failures=allow_failures, halt=self.halt_on_data_loss)
-            return self._await(context, ref, record,
-                               lambda values: getattr(self, method)(values, *args))
 
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
             return index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
 
+        if context.job is None:
+            return self._defer_in_caller(context, deps, method, args, park,
+                                         allow_failures=allow_failures)
         signature = aggregate.call_signature(
             method, encode_args(method, args), dumps(aggregate.as_ranges(ref.number for ref in deps)),
             b"allow_failures" if allow_failures else b"")
         return aggregate.register_aggregate(
             context.scope, context.batches, deps, park=park,
             allow_failures=allow_failures, halt=self.halt_on_data_loss, signature=signature)[0]
+
+    def _defer_in_caller(self, context: Context, deps: list[JobRef], method: str,
+                         args: tuple[Any, ...], park: Callable[[int, str], tuple[int, int]], *,
+                         allow_failures: bool) -> Any:
+        """Register a caller's aggregate, block until it fires and call it here; its value.
+
+        The aggregate has no job unless the run fails on it and is handed to
+        the workers to stay resumable (``park``, see :mod:`packmule.resume`).
+        """
+        ref, record = aggregate.register_aggregate(
+            context.scope, context.batches, deps, park=None,
+            allow_failures=allow_failures, halt=self.halt_on_data_loss)
+
+        def hand_over() -> JobRef:
+            parked = park(ref.number, record["own"])
+            resume.park_caller_aggregate(context.scope, ref.number, record, parked)
+            return ref
+
+        return self._await(context, ref, record,
+                           lambda values: getattr(self, method)(values, *args), hand_over)
 
     def _check_refs(self, context: Context, jobs: Iterable[JobRef]) -> list[JobRef]:
         deps = list(jobs)
@@ -273,14 +307,23 @@ class Runner:
         agg, record = aggregate.register_aggregate(
             context.scope, context.batches, deps, park=None, allow_failures=False,
             halt=self.halt_on_data_loss)
-        return self._await(context, agg, record, lambda values: values[0])
+        return self._await(context, agg, record, lambda values: values[0], lambda: ref)
 
     def _await(self, context: Context, ref: JobRef, record: dict[str, Any],
-               call: Callable[[list[Any]], Any]) -> Any:
-        """Wait for the aggregate ``ref`` (described by ``record``) and call it in this process."""
+               call: Callable[[list[Any]], Any], hand_over: Callable[[], JobRef]) -> Any:
+        """Wait for the aggregate ``ref`` (described by ``record``) and call it in this process.
+
+        ``hand_over`` gives what was waited for to the workers if the run is
+        to stay resumable after a failure (see :mod:`packmule.resume`).
+        """
         scope = context.scope
-        waiting.until_fired(scope, ref.number)
-        value = call(waiting.settled_values(scope, record))
+        try:
+            waiting.until_fired(scope, ref.number)
+            values = waiting.settled_values(scope, record)
+        except RunFailed as err:
+            context.failed_wait = (err, hand_over)
+            raise
+        value = call(values)
         if isinstance(value, JobRef):
             value = self.wait(value)
         aggregate.complete(scope, ref.number, record["own"], Outcome.done(None))
@@ -309,9 +352,18 @@ class Runner:
                         self.push_progress_updates)
 
     def _current_context(self) -> Context:
-        if self._context is None:  # enqueue outside run(): the call starts a run
-            scope = self._begin()
-            self._context = Context(scope, Batches(scope, "caller"))
+        """The context enqueues happen in: the caller's ``run()`` or a job's execution.
+
+        Raises:
+            EnqueueError: called outside both. A job enqueued there would belong
+                to no run that could ever finish, so it is refused.
+        """
+        if self._context is None:
+            name = type(self).__name__
+            raise EnqueueError(
+                f"{name}: enqueue, enqueue_each, deferred_result and wait work inside a run: "
+                f"call them from {name}.run() (or a job method), started with "
+                f"{name}(name).run(...) or .run_async(...)")
         return self._context
 
     def _check_method(self, method: str) -> None:
@@ -433,20 +485,38 @@ def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
         if self._context is not None:  # a worker executing the root job, or nested
             return function(self, *args, **kwargs)
         scope = self._begin()
-        self._context = Context(scope, Batches(scope, "caller"))
+        self._context = context = Context(scope, Batches(scope, "caller"))
+        returned: JobRef | None = None
         try:
             result = function(self, *args, **kwargs)
             if isinstance(result, JobRef):
-                result = self.wait(result)
+                returned, result = result, self.wait(result)
+            outcome = Outcome.done(result)
+            outcome.encode(what=f"the value {type(self).__name__}.run() returned")
         except BaseException as err:
-            runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err))
+            target = _resume_target(context, err, function.__code__, returned)
+            runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err),
+                        resumable=target is not None)
+            if target is not None:
+                resume.chain_root(scope, context.batches, target)
             raise
         finally:
             self._context = None
-        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _recordable(result))
+        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, outcome)
         return result
 
     return run
+
+
+def _resume_target(context: Context, err: BaseException, code: CodeType,
+                   returned: JobRef | None) -> JobRef | None:
+    """What the failed run's root can be chained to, so a kick resumes it; None if unknown."""
+    if context.failed_wait is None or context.failed_wait[0] is not err:
+        return None
+    waits = (Runner.deferred_result.__code__, Runner.wait.__code__)
+    if returned is None and not resume.returned_directly(err, code, waits):
+        return None
+    return context.failed_wait[1]()
 
 
 def _failure(err: BaseException) -> Outcome:
@@ -455,11 +525,3 @@ def _failure(err: BaseException) -> Outcome:
     if isinstance(err, RunFailed):
         return Outcome.failed(err.job.number if err.job else 0, err.traceback, own=False)
     return Outcome.failed(0, "".join(traceback.format_exception(err)), own=False)
-
-
-def _recordable(value: Any) -> Outcome:
-    try:
-        dumps(value)
-        return Outcome.done(value)
-    except EncodeError:
-        return Outcome.done(repr(value))

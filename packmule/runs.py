@@ -86,7 +86,8 @@ def counts(backends: Backends, run: str) -> dict[str, int] | None:
     return {names[key]: int(value) for key, value in found.items()}
 
 
-def finish(backends: Backends, identity: str, run: str, lease: int, outcome: Outcome) -> None:
+def finish(backends: Backends, identity: str, run: str, lease: int, outcome: Outcome, *,
+           resumable: bool = True) -> None:
     """Record how run ``run`` ended, unless a newer run of ``identity`` started since."""
     current = read(backends, identity)
     if current is not None and current.run != run:

@@ -27,12 +27,15 @@ import greenstalk
 from packmule import execution, runs
 from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
-from packmule.envelope import decode
+from packmule.envelope import Envelope, decode
 from packmule.errors import JobCancelled, PackmuleError, ServerError
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.retry import backoff_seconds
 
 log = logging.getLogger("packmule.worker")
+# A job naming a runner this worker cannot load goes back this many times
+# (for a worker that can) before it fails its run.
+UNRUNNABLE_RESERVES = 3
 
 
 @dataclass
@@ -211,14 +214,17 @@ class Worker:
         """Handle one job; True if it finished and is left for the loop to delete."""
         try:
             envelope = decode(job.body)
+        except Exception as err:  # a foreign or corrupt job: bury it, go on
+            # Not only DecodeError: json raises RecursionError on deep nesting.
+            log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
+            client.bury(job)
+            return False
+        try:
             runner = execution.prepare(envelope, self.allowed)
         except ServerError:
             raise
-        except Exception as err:  # whatever is wrong with a foreign job: bury it, go on
-            # Not only DecodeError: json raises RecursionError on deep nesting, and
-            # a forged envelope can make importing or constructing fail any way.
-            log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
-            client.bury(job)
+        except Exception as err:  # a runner this worker cannot run: another may
+            self._unrunnable(client, job, envelope, err)
             return False
         try:
             return self._execute(client, job, runner, envelope)
@@ -235,6 +241,29 @@ class Worker:
             execution.fail(runner, envelope, text)
             client.bury(job)
         return False
+
+    def _unrunnable(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
+                    envelope: Envelope, err: Exception) -> None:
+        """A job whose runner this worker cannot load: hand it back a few times, then fail it.
+
+        Workers with other ``--import`` lists may share the tube (a rolling
+        deploy), so the job first goes back for another worker. Once it has
+        come back ``UNRUNNABLE_RESERVES`` times, its run is told why and the
+        job is buried (a kick after starting the right workers resumes it).
+        A job naming no run that exists (forged or stale) is only buried.
+        """
+        reason = f"{type(err).__name__}: {err}"
+        reserves = int(client.stats_job(job)["reserves"])
+        if reserves < UNRUNNABLE_RESERVES:
+            log.warning("job %s %s() of %s: this worker cannot run it (%s); handing it back "
+                        "(%d/%d)", envelope.job, envelope.method, envelope.runner, reason,
+                        reserves, UNRUNNABLE_RESERVES)
+            client.release(job, delay=1)
+            return
+        recorded = execution.fail_unrunnable(envelope, reason)
+        log.error("burying job %s %s() of %s%s: %s", envelope.job, envelope.method,
+                  envelope.runner, "" if recorded else " (no such run)", reason)
+        client.bury(job)
 
     def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                  runner: Any, envelope: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,22 @@ class Diverging(Runner):
 
     def total(self, values: list[int]) -> int:
         return sum(values) + 100
+
+
+class FlakyPlusOne(Runner):
+    """Like fault_runners.Flaky, but run() goes on after its aggregate: not resumable by a kick."""
+
+    max_retries = 0
+
+    def run(self, count: int = 5, broken: int = 2) -> Any:
+        jobs = self.enqueue_each("maybe", range(count), broken)
+        return self.deferred_result("total", jobs) + 1
+
+    def maybe(self, number: int, broken: int) -> int:
+        fix = os.environ.get("PACKMULE_TEST_FIX_FILE", "")
+        if number == broken and not Path(fix).exists():
+            raise ValueError(f"job {number} is broken")
+        return number
+
+    def total(self, values: list[int]) -> int:
+        return sum(values)

@@ -23,44 +23,56 @@ NAN, INF = float("nan"), float("inf")
 
 Call = Callable[[], Any]
 
+
+class InRun(Counted):
+    """Calls the test's function inside a run, where enqueue and deferred_result work."""
+
+    def run(self, call: Callable[[Counted], Any]) -> Any:  # type: ignore[override]
+        return call(self)
+
+
+def inside(call: Callable[[Counted], Any], name: str = "bad") -> Call:
+    """A case calling ``call(runner)`` inside ``InRun(name).run``."""
+    return lambda: InRun(name).run(call)
+
 CASES: list[tuple[str, Call, type[packmule.PackmuleError], str]] = [
     # Values JSON cannot carry: named by position, method and type.
-    ("set argument", lambda: Counted("bad").enqueue("echo", {1, 2}),
+    ("set argument", inside(lambda r: r.enqueue("echo", {1, 2})),
      packmule.EncodeError, "argument 0 of echo() (set)"),
-    ("object argument", lambda: Counted("bad").enqueue("echo", [1, 2], object()),
+    ("object argument", inside(lambda r: r.enqueue("echo", [1, 2], object())),
      packmule.EncodeError, "argument 1 of echo() (object)"),
-    ("NaN argument", lambda: Counted("bad").enqueue("echo", NAN),
+    ("NaN argument", inside(lambda r: r.enqueue("echo", NAN)),
      packmule.EncodeError, "argument 0 of echo() (float)"),
-    ("inf argument", lambda: Counted("bad").enqueue("echo", INF),
+    ("inf argument", inside(lambda r: r.enqueue("echo", INF)),
      packmule.EncodeError, "argument 0 of echo() (float)"),
-    ("-inf nested in a list", lambda: Counted("bad").enqueue("echo", [1, {"a": -INF}]),
+    ("-inf nested in a list", inside(lambda r: r.enqueue("echo", [1, {"a": -INF}])),
      packmule.EncodeError, "argument 0 of echo() (list)"),
-    ("one bad item of a batch", lambda: Counted("bad").enqueue_each("echo", [[1, 0], [2, 0], {3}]),
+    ("one bad item of a batch", inside(lambda r: r.enqueue_each("echo", [[1, 0], [2, 0], {3}])),
      packmule.EncodeError, "argument 0 of echo() (set)"),
-    ("bad aggregate argument", lambda: Counted("bad").deferred_result("total", [], {1}),
+    ("bad aggregate argument", inside(lambda r: r.deferred_result("total", [], {1})),
      packmule.EncodeError, "argument 0 of total() (set)"),
     ("bad run_async argument", lambda: Counted("bad").run_async(NAN),
      packmule.EncodeError, "argument 0 of run() (float)"),
     ("bad run_async keyword", lambda: Counted("bad").run_async(count={1}),
      packmule.EncodeError, "keyword arguments of run()"),
     # Too big for beanstalkd: named with its size and the server's limit.
-    ("70 KB argument", lambda: Counted("bad").enqueue("echo", [BIG, 0]),
+    ("70 KB argument", inside(lambda r: r.enqueue("echo", [BIG, 0])),
      packmule.JobTooBig, "max-job-size 65535"),
     ("70 KB item at the end of a batch",
-     lambda: Counted("bad").enqueue_each("echo", [[1, 0], [2, 0], [BIG, 0]]),
+     inside(lambda r: r.enqueue_each("echo", [[1, 0], [2, 0], [BIG, 0]])),
      packmule.JobTooBig, "max-job-size 65535"),
     ("70 KB run_async argument", lambda: Counted("bad").run_async(BIG),
      packmule.JobTooBig, "max-job-size 65535"),
     # Methods that are not public job methods of the runner.
-    ("missing method", lambda: Counted("bad").enqueue("nowhere", 1),
+    ("missing method", inside(lambda r: r.enqueue("nowhere", 1)),
      packmule.UnknownMethod, "'nowhere'"),
-    ("private method", lambda: Counted("bad").enqueue("_secret", "x"),
+    ("private method", inside(lambda r: r.enqueue("_secret", "x")),
      packmule.UnknownMethod, "'_secret'"),
-    ("inherited API method", lambda: Counted("bad").enqueue("cancel"),
+    ("inherited API method", inside(lambda r: r.enqueue("cancel")),
      packmule.UnknownMethod, "'cancel'"),
-    ("attribute, not a method", lambda: Counted("bad").enqueue("time_to_run"),
+    ("attribute, not a method", inside(lambda r: r.enqueue("time_to_run")),
      packmule.UnknownMethod, "'time_to_run'"),
-    ("missing aggregate method", lambda: Counted("bad").deferred_result("nowhere", []),
+    ("missing aggregate method", inside(lambda r: r.deferred_result("nowhere", [])),
      packmule.UnknownMethod, "'nowhere'"),
     # Options and settings.
     ("unknown option", lambda: Counted("bad", colour="red"),
@@ -108,10 +120,10 @@ def test_bad_input_is_refused_and_nothing_is_enqueued(
         call()
     assert named in str(caught.value)
     assert _jobs_in_tube(tube) == 0, "a refused call left a job on beanstalkd"
-    progress = Counted("bad").update_progress()
-    assert progress.total == 0, f"a refused call left jobs counted: {progress}"
-    if "run_async" in name:  # nothing will ever run or finish it
-        assert progress.state != "running", "a refused run_async left a run that looks alive"
+    for runner in (Counted("bad"), InRun("bad")):
+        progress = runner.update_progress()
+        assert progress.total == 0, f"a refused call left jobs counted: {progress}"
+        assert progress.state != "running", "a refused call left a run that looks alive"
 
 
 @pytest.mark.timeout(30)
@@ -125,7 +137,7 @@ def test_an_unreachable_server_is_named_by_its_address(
     scheme = {"beanstalkd": "beanstalk", "memcached": "memcached", "etcd": "etcd"}[setting]
     packmule.configure(**{setting: f"{scheme}://127.0.0.1:1"}, socket_timeout_seconds=2.0)
     with pytest.raises(error) as caught:
-        Counted("unreachable").enqueue("echo", [1, 0])
+        InRun("unreachable").run(lambda r: r.enqueue("echo", [1, 0]))
     assert caught.value.address == "127.0.0.1:1"
     assert "127.0.0.1:1" in str(caught.value)
     with pytest.raises(error) as caught:
@@ -151,7 +163,21 @@ def test_a_silent_server_times_out_naming_it(
         packmule.configure(**{setting: f"{scheme}://{address}"}, socket_timeout_seconds=0.5)
         started = time.monotonic()
         with pytest.raises(error) as caught:
-            Counted("silent").enqueue("echo", [1, 0])
+            InRun("silent").run(lambda r: r.enqueue("echo", [1, 0]))
         assert time.monotonic() - started < 5
     assert caught.value.address == address
     assert "TimeoutError" in str(caught.value), str(caught.value)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("call", [
+    lambda: Counted("outside").enqueue("echo", [1, 0]),
+    lambda: Counted("outside").enqueue_each("echo", [[1, 0]]),
+    lambda: Counted("outside").deferred_result("total", []),
+], ids=["enqueue", "enqueue_each", "deferred_result"])
+def test_enqueue_outside_a_run_is_refused_pointing_to_run(env: dict[str, str], call: Call) -> None:
+    """A job enqueued outside run() would start a run nothing could ever finish."""
+    with pytest.raises(packmule.EnqueueError, match=r"Counted\(name\)\.run\(\.\.\.\) or \.run_async"):
+        call()
+    assert _jobs_in_tube(env["PACKMULE_TUBE"]) == 0
+    assert Counted.find("outside") is None

@@ -6,16 +6,21 @@ against real servers and real workers.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Workers, wait_until
-from ending_runners import Chain, ChainStraggler, Diverging
+from conftest import ROOT, Workers, wait_until
+from ending_runners import Chain, ChainStraggler, Diverging, FlakyPlusOne
+from fault_runners import Flaky
 
 import packmule
 from packmule.backends import backends
+from packmule.outcome import Outcome
 from packmule.store import RunKeys
 
 
@@ -76,3 +81,66 @@ def test_a_retry_that_enqueues_differently_gets_fresh_numbers(env: dict[str, str
     # enqueues value(1) (the same call: replayed) and value(10) (a new call:
     # it must not take the number of the first attempt's aggregate).
     assert Diverging("retry").run(str(tmp_path / "marker")) == 111
+
+
+def test_a_runner_no_worker_imports_fails_the_run_naming_the_module(env: dict[str, str],
+                                                                    workers: Workers) -> None:
+    workers.start("runners", 1)  # imports tests/runners.py, not ending_runners
+    runner = Chain("nowhere")
+    runner.run_async(1)
+    wait_until(lambda: runner.update_progress().state == "failed", timeout=20,
+               what="the run to fail")
+    with pytest.raises(packmule.RunFailed) as caught:
+        runner.get_return_value()
+    message = str(caught.value)
+    assert "'ending_runners' is not in this worker's --import list (runners)" in message
+    with pytest.raises(packmule.RunFailed, match="--import ending_runners"):
+        Chain("blocking").run(1)
+
+
+def test_a_runner_defined_in_a_script_is_refused_at_enqueue(env: dict[str, str]) -> None:
+    script = type("Script", (Chain,), {"__module__": "__main__"})
+    with pytest.raises(packmule.EnqueueError, match="__main__.*--import"):
+        script("s").run(1)
+    stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
+    assert stats.get("total-jobs", 0) == 0
+
+
+def _kick(env: dict[str, str]) -> str:
+    kicked = subprocess.run([sys.executable, "-m", "packmule", "kick", "--tube",
+                             env["PACKMULE_TUBE"]], env={**os.environ, **env}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=True)
+    return kicked.stdout
+
+
+def test_a_kick_resumes_a_failed_blocking_run(env: dict[str, str], workers: Workers,
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    fix = tmp_path / "fixed"
+    env["PACKMULE_TEST_FIX_FILE"] = str(fix)
+    monkeypatch.setenv("PACKMULE_TEST_FIX_FILE", str(fix))
+    workers.start("fault_runners", 2, "--import", "ending_runners")
+    with pytest.raises(packmule.RunFailed, match="job 2 is broken"):
+        Flaky("blocking").run(5, 2)
+    with pytest.raises(packmule.RunFailed, match="job 2 is broken"):
+        FlakyPlusOne("plus-one").run(5, 2)
+    for runner in (Flaky("blocking"), FlakyPlusOne("plus-one")):
+        assert runner.update_progress().state == "failed"
+
+    fix.touch()
+    assert "kicked 2 buried job(s)" in _kick(env)
+    wait_until(lambda: Flaky("blocking").update_progress().state == "done", timeout=30,
+               what="the kicked blocking run to finish")
+    assert Flaky("blocking").get_return_value() == sum(range(5))
+    progress = Flaky("blocking").update_progress()
+    assert (progress.failed, progress.completed) == (0, 6)
+    # run() went on after the aggregate (+ 1): what it would have returned is
+    # unknown, so that run stays failed, though its job now has a value.
+    record = FlakyPlusOne.find("plus-one")
+    assert record is not None
+    keys = RunKeys(backends().settings.namespace, record.run)
+    wait_until(lambda: Outcome.decode(backends().store.get(keys.job(3)) or b'{"f":0,"tb":"","own":false}').ok,
+               timeout=30, what="the other kicked job (job 3) to succeed")
+    assert FlakyPlusOne("plus-one").update_progress().state == "failed"
+    with pytest.raises(packmule.RunFailed):
+        FlakyPlusOne("plus-one").get_return_value()
