@@ -27,7 +27,7 @@ from packmule.errors import (
     UnknownRun,
 )
 from packmule.jobref import JobRef
-from packmule.outcome import MISSING, Failure
+from packmule.markers import MISSING, Failure
 from packmule.progress import Progress
 from packmule.runner import Runner
 from packmule.runs import RunRecord

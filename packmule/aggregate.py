@@ -31,7 +31,8 @@ from packmule.backends import Backends
 from packmule.envelope import dumps, loads
 from packmule.errors import EnqueueError, ResultMissing
 from packmule.jobref import JobRef
-from packmule.outcome import MISSING, Failure, Outcome
+from packmule.markers import MARK_BYTES, MISSING, Failure, restore
+from packmule.outcome import Outcome
 from packmule.store import Quiet, RunKeys
 
 ROOT_JOB = 0
@@ -433,7 +434,8 @@ def _gather_chunk(scope: RunScope, numbers: list[int], gathered: Gathered) -> No
     names = [scope.keys.job(n) for n in numbers]
     found = scope.backends.store.get_many(names)
     # One JSON array for the whole chunk: a json.loads per record costs more than the read.
-    records = iter(loads(b"[" + b",".join(found[name] for name in names if name in found) + b"]"))
+    joined = b"[" + b",".join(found[name] for name in names if name in found) + b"]"
+    records = iter(loads(joined) if MARK_BYTES not in joined else restore(loads(joined)))
     for number, name in zip(numbers, names, strict=True):
         if name not in found:
             gathered.missing.append(number)

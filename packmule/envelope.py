@@ -13,11 +13,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from packmule import markers
 from packmule.errors import DecodeError, EncodeError
 
 FORMAT = 1
 # One encoder for every value: json.dumps with options builds a new encoder per call.
-_STRICT = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+# Its default is called only for what JSON has no type for: packmule's markers pass.
+_STRICT = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=markers.to_json)
 
 
 @dataclass
@@ -151,4 +153,6 @@ def decode(body: bytes) -> Envelope:
             raise DecodeError(f"job envelope field {name!r} is missing or not a {kind.__name__}")
     if ":" not in data["runner"]:
         raise DecodeError(f"job envelope runner {data['runner']!r} is not 'module:Class'")
+    if markers.MARK_BYTES in body:
+        data["args"], data["kwargs"] = markers.restore(data["args"]), markers.restore(data["kwargs"])
     return Envelope(**{name: data[name] for name in _FIELD_TYPES})

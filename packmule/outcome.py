@@ -6,41 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from packmule.envelope import dumps, loads
+from packmule.markers import MARK_BYTES, MISSING, Failure, restore
 
-
-class _Missing:
-    """The type of :data:`MISSING`."""
-
-    _instance: _Missing | None = None
-
-    def __new__(cls) -> _Missing:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "packmule.MISSING"
-
-    def __bool__(self) -> bool:
-        return False
-
-
-MISSING: Any = _Missing()
-"""Passed to an aggregate in place of a value memcached lost, when the
-runner's ``halt_on_data_loss`` is False. Falsy, and never equal to a value."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Passed to an ``allow_failures`` aggregate in place of a failed job's value.
-
-    Attributes:
-        job: the number of the job that failed.
-        traceback: the text of its last traceback.
-    """
-
-    job: int
-    traceback: str
+__all__ = ["MISSING", "Failure", "Outcome"]
 
 
 @dataclass(frozen=True)
@@ -92,8 +60,11 @@ class Outcome:
 
     @classmethod
     def decode(cls, data: bytes) -> Outcome:
-        """The outcome a record holds."""
-        return cls.from_record(loads(data))
+        """The outcome a record holds (packmule's markers in its value restored)."""
+        outcome = cls.from_record(loads(data))
+        if outcome.ok and MARK_BYTES in data:
+            return cls(True, restore(outcome.value))
+        return outcome
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Outcome:

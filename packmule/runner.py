@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any, ClassVar
 
-from packmule import aggregate, resume, runs, waiting
+from packmule import aggregate, leftovers, markers, resume, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
@@ -260,7 +260,9 @@ class Runner:
 
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
-            return index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
+            parked = index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
+            leftovers.note_parked(context.scope.backends, context.scope.run, number, parked)
+            return parked
 
         if context.job is None:
             return self._defer_in_caller(context, deps, method, args, park,
@@ -408,7 +410,7 @@ class Runner:
             raise ResultMissing(record.traceback, [_ref(self, record, n) for n in record.lost_jobs])
         if record.state == "cancelled":
             raise RunCancelled(f"run {record.run} of {self.identity} was cancelled")
-        return record.value
+        return markers.restore(record.value)
 
     def cancel(self) -> None:
         """Cancel the latest run: its jobs are dropped and its aggregates never fire."""
@@ -416,6 +418,7 @@ class Runner:
         if record is None:
             raise UnknownRun(f"no run of {self.identity} is known")
         runs.cancel(self._backends, self.identity, record)
+        leftovers.remove_parked(self._backends, record.run)
 
     def handle_error(self, exc: BaseException, method: str, args: list[Any]) -> Any:
         """Override to supply a value for a job that kept failing.

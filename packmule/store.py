@@ -96,6 +96,10 @@ class RunKeys:
         """An aggregate's description: method, dependencies, where its job is parked."""
         return self._key("a", number)
 
+    def parked(self, chunk: int) -> str:
+        """Notes of the run's parked aggregate jobs, ``server:job`` each (see packmule.leftovers)."""
+        return self._key("p", chunk)
+
     def sentinel(self, index: int) -> str:
         """The run's sentinel on memcached server ``index``: gone means that server lost state."""
         return self._key("s", index)
@@ -244,6 +248,18 @@ class Store:
     def append_quietly(self, key: str, data: bytes) -> None:
         """Append ``data`` to an existing value without waiting (a marker, not state)."""
         self._keyed(key, "append", lambda c: c.append(key, data, expire=self.ttl, noreply=True))
+
+    def append_creating(self, key: str, data: bytes) -> None:
+        """Append ``data`` to ``key``, creating it if absent, without waiting for replies.
+
+        An ``add`` of nothing then an ``append``, in order on one connection:
+        whichever comes first creates the key, and the append always lands.
+        """
+        def both(client: Client) -> None:
+            client.add(key, b"", expire=self.ttl, noreply=True)
+            client.append(key, data, expire=self.ttl, noreply=True)
+
+        self._keyed(key, "append", both)
 
     def decr_quietly(self, key: str, amount: int = 1) -> None:
         """Subtract from a progress counter without waiting (memcached stops at 0)."""

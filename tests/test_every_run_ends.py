@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, Workers, wait_until
 from ending_runners import Chain, ChainStraggler, Diverging, FlakyPlusOne
 from fault_runners import Flaky
+from runners import Slow
 
 import packmule
 from packmule.backends import backends
@@ -100,7 +101,7 @@ def test_a_runner_no_worker_imports_fails_the_run_naming_the_module(env: dict[st
 
 def test_a_runner_defined_in_a_script_is_refused_at_enqueue(env: dict[str, str]) -> None:
     script = type("Script", (Chain,), {"__module__": "__main__"})
-    with pytest.raises(packmule.EnqueueError, match="__main__.*--import"):
+    with pytest.raises(packmule.EnqueueError, match=r"__main__.*--import"):
         script("s").run(1)
     stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
     assert stats.get("total-jobs", 0) == 0
@@ -144,3 +145,21 @@ def test_a_kick_resumes_a_failed_blocking_run(env: dict[str, str], workers: Work
     assert FlakyPlusOne("plus-one").update_progress().state == "failed"
     with pytest.raises(packmule.RunFailed):
         FlakyPlusOne("plus-one").get_return_value()
+
+
+def test_cancel_removes_the_runs_parked_aggregates(env: dict[str, str],
+                                                   workers: Workers) -> None:
+    workers.start("runners", 2)
+    runner = Slow("parked")
+    runner.run_async(40, 0.1)
+
+    def tube() -> dict[str, int]:
+        return backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
+
+    wait_until(lambda: tube().get("current-jobs-delayed", 0) == 1, timeout=20,
+               what="the run's aggregate to be parked")
+    runner.cancel()
+    wait_until(lambda: not any(tube().get(f"current-jobs-{state}", 0)
+                               for state in ("ready", "reserved", "delayed", "buried")),
+               timeout=20, what="the cancelled run to leave nothing in beanstalkd")
+    assert Slow("parked").update_progress().state == "cancelled"
