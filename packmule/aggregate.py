@@ -205,7 +205,7 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome
         counting = [*_count(scope, effective, revived), Quiet("append", scope.keys.job(job), COUNTED)]
     _notify(scope, job, batch, counting)
     if job == ROOT_JOB:
-        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, effective)
+        runs.finish(scope.backends, scope.run, effective)
     return effective
 
 
