@@ -235,6 +235,15 @@ def keep_alive(backends: Backends, run: str, lease: int) -> None:
         log.warning("keeping the lease of run %s alive failed: %s", run, err)
 
 
+def job_cancelled(backends: Backends, run: str, lease: int) -> bool:
+    """Whether a job in progress must stop (its run was cancelled); keeps the run's lease alive.
+
+    For the keep-alive of a running job: a single job may outlast the lease's TTL.
+    """
+    keep_alive(backends, run, lease)
+    return is_cancelled(backends, run)
+
+
 def is_cancelled(backends: Backends, run: str) -> bool:
     """Whether ``run`` was cancelled, cached briefly to keep it off the per-job path."""
     now = time.monotonic()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Workers, wait_until
+from fault_runners import LongJob
 from ident_pkg import NestedY
 from ident_pkg.sub import Y as FlatY
 from runners import Adder, Slow
@@ -247,6 +248,19 @@ def test_a_run_longer_than_its_ttl_lives_until_ttl_after_its_end(
     wait_until(lambda: Slow.find_run(ref.run) is None, timeout=20,
                what="the record to expire after its TTL")
     assert Slow.find("long") is None
+
+
+@pytest.mark.timeout(60)
+def test_a_single_job_longer_than_the_ttl_keeps_its_run_alive(
+        env: dict[str, str], workers: Workers) -> None:
+    packmule.configure(result_ttl_seconds=3)
+    env["PACKMULE_RESULT_TTL_SECONDS"] = "3"
+    workers.start("fault_runners", 1)
+    runner = LongJob("one-long-job")
+    runner.run_async(7.0)
+    wait_until(lambda: runner.update_progress().state != "running", timeout=40,
+               what="the run to end")
+    assert runner.get_return_value() == 7.0
 
 
 def test_every_setting_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
