@@ -327,20 +327,21 @@ def bench_progress(plan: Plan) -> tuple[float, float]:
         reader = Fanout(f"progress-{count}")  # another instance: reads like another process
         assert reader.update_progress().total == count, reader.update_progress()
         readers.append(reader)
-    store = backends().store
+    store, coord = backends().store, backends().coord
     times: list[list[float]] = [[] for _ in sizes]
-    trips_before = store.round_trips
+    trips_before, etcd_before = store.round_trips, coord.round_trips
     for _ in range(plan.progress_reads):  # interleaved, so both sizes see the same noise
         for index, reader in enumerate(readers):
             started = time.perf_counter()
             reader.update_progress()
             times[index].append(time.perf_counter() - started)
     trips = (store.round_trips - trips_before) / plan.progress_reads / len(sizes)
+    etcd_trips = (coord.round_trips - etcd_before) / plan.progress_reads / len(sizes)
     medians = [statistics.median(t) for t in times]
     for count, median, values in zip(sizes, medians, times, strict=True):
         say(f"progress  run of {count:<7} median {median * 1e6:7.0f} us  "
             f"p95 {p95(values) * 1e6:7.0f} us  ({plan.progress_reads} reads, "
-            f"{trips:.0f} memcached round trip(s) + 1 etcd get each)")
+            f"{trips:.0f} memcached + {etcd_trips:.0f} etcd round trip(s) each)")
     return medians[0], medians[1]
 
 

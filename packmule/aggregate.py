@@ -261,7 +261,7 @@ def _complete_one(scope: RunScope, job: int, batch: str, outcome: Outcome,
         runs.resume(scope.backends, scope.run)
     pending.extend(_notify(scope, job, batch, counting))
     if job == ROOT_JOB:
-        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, effective)
+        runs.finish(scope.backends, scope.run, effective)
     return effective
 
 

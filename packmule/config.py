@@ -93,17 +93,37 @@ def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
 
 
 def _from_environment() -> dict[str, Any]:
+    """Every setting given as ``PACKMULE_<SETTING>`` (``PACKMULE_RESULT_TTL_SECONDS=3600``).
+
+    Server lists are URLs (see :func:`parse_urls`), a pair of durations is
+    ``FIRST,SECOND``, numbers are numbers; anything else is a
+    ConfigurationError naming the variable. An empty variable counts as unset.
+    """
     found: dict[str, Any] = {}
-    for variable, name in (
-        ("PACKMULE_BEANSTALKD", "beanstalkd"),
-        ("PACKMULE_MEMCACHED", "memcached"),
-        ("PACKMULE_ETCD", "etcd"),
-    ):
-        if os.environ.get(variable):
-            found[name] = parse_urls(variable, os.environ[variable])
-    if os.environ.get("PACKMULE_NAMESPACE"):
-        found["namespace"] = os.environ["PACKMULE_NAMESPACE"]
+    for setting in fields(Settings):
+        variable = f"PACKMULE_{setting.name.upper()}"
+        text = os.environ.get(variable, "").strip()
+        if text:
+            found[setting.name] = _parse(variable, text, setting.default)
     return found
+
+
+def _parse(variable: str, text: str, default: Any) -> Any:
+    """``text`` as a value of the type of ``default``, or a ConfigurationError naming ``variable``."""
+    if variable in _SCHEMES:
+        return parse_urls(variable, text)
+    try:
+        if isinstance(default, tuple):
+            value = tuple(float(part) for part in text.split(","))
+            if len(value) != len(default):
+                raise ValueError(f"expected {len(default)} numbers")
+            return value
+        return type(default)(text)
+    except ValueError as err:
+        example = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        raise ConfigurationError(
+            f"{variable}: cannot use {text!r}: {err} (expected a value like {example!r})"
+        ) from err
 
 
 def _check(settings: Settings) -> Settings:

@@ -1,8 +1,8 @@
 """etcd: the once-only decisions, durable run records, and wake-ups.
 
 etcd is used once per aggregate (the "fired" marker) and a few times per
-run (its record), never once per job: an etcd write costs about a
-millisecond, a whole job about a tenth of that.
+run (its record, its lease kept alive), never once per job: an etcd write
+costs about a millisecond, a whole job about a tenth of that.
 
 A lock alone cannot give exactly-once firing, since its holder can die
 half-way; the marker is a create-if-absent transaction, so the decision
@@ -13,9 +13,10 @@ attached to the run's lease, so they expire with the run's record.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
+from urllib.parse import quote
 
 import etcd3
 import etcd3.watch
@@ -38,6 +39,7 @@ class Coordinator:
                  timeout_seconds: float) -> None:
         self.names = ", ".join(format_address(a) for a in addresses)
         self.prefix = f"/{namespace}"
+        self.round_trips = 0  # counted for tests of O(1) reads
         endpoints = [etcd3.Endpoint(host, port, secure=False) for host, port in addresses]
         self._client = etcd3.MultiEndpointEtcd3Client(
             endpoints, timeout=timeout_seconds, failover=True
@@ -45,15 +47,24 @@ class Coordinator:
 
     @contextmanager
     def _naming(self, action: str) -> Iterator[None]:
+        self.round_trips += 1
         try:
             yield
         except (etcd3.exceptions.Etcd3Exception, grpc.RpcError, OSError, ValueError) as err:
             raise CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}") from err
 
     # Keys -----------------------------------------------------------------
-    def run_key(self, run_identity: str) -> str:
-        """The durable record of the latest run of a (runner class, name)."""
-        return f"{self.prefix}/runs/{run_identity}"
+    def run_key(self, run: str) -> str:
+        """The durable record of one run, by its id."""
+        return f"{self.prefix}/run/{run}"
+
+    def runs_prefix(self, runner: str, name: str) -> str:
+        """Prefix of the index of the runs of (runner class path, name), one key per run.
+
+        The name is percent-encoded (``/`` included), so no name's prefix is
+        another's; a class path (``module:QualName``) holds no ``/``.
+        """
+        return f"{self.prefix}/runs/{runner}/{quote(name, safe='')}/"
 
     def marker_prefix(self, run: str, aggregate: int) -> str:
         """Prefix of one aggregate's markers (``fired``: its batches are all complete)."""
@@ -69,6 +80,29 @@ class Coordinator:
         with self._naming("create"):
             return bool(self._client.put_if_not_exists(key, value, lease=lease or None))
 
+    def create_all_if_absent(self, values: dict[str, bytes], *, lease: int = 0) -> bool:
+        """Create every key of ``values`` in one transaction, unless one exists; True if created."""
+        txn = self._client.transactions
+        with self._naming("create"):
+            succeeded, _ = self._client.transaction(
+                compare=[txn.version(key) == 0 for key in values],
+                success=[txn.put(key, value, lease or None) for key, value in values.items()],
+                failure=[])
+        return bool(succeeded)
+
+    def replace_if(self, key: str, value: bytes, revision: int, *, lease: int = 0) -> bool:
+        """Write ``key`` only if it was last changed at ``revision``; True if written.
+
+        ``lease`` is the lease the key stays on: a put without it would detach
+        the key from its lease (etcd keeps no lease across a put).
+        """
+        txn = self._client.transactions
+        with self._naming("replace"):
+            succeeded, _ = self._client.transaction(
+                compare=[txn.mod(key) == revision],
+                success=[txn.put(key, value, lease or None)], failure=[])
+        return bool(succeeded)
+
     def put(self, key: str, value: bytes, *, lease: int = 0) -> None:
         """Write ``key``."""
         with self._naming("put"):
@@ -80,6 +114,36 @@ class Coordinator:
             value, _ = self._client.get(key)
         return None if value is None else bytes(value)
 
+    def get_with_revisions(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
+        """``(value, mod revision)`` of each key, in one round trip; ``(None, 0)`` if absent.
+
+        The reads are one transaction, so they see one revision of the store.
+        """
+        txn = self._client.transactions
+        with self._naming("get"):
+            _, responses = self._client.transaction(
+                compare=[], success=[txn.get(key) for key in keys], failure=[])
+        found: list[tuple[bytes | None, int]] = []
+        for kvs in responses:
+            found.append((bytes(kvs[0][0]), int(kvs[0][1].mod_revision)) if kvs else (None, 0))
+        return found
+
+    def newest_key(self, prefix: str) -> str | None:
+        """The key under ``prefix`` created last (by etcd's create revision), or None.
+
+        One range read of one key whatever the number of keys under ``prefix``.
+        """
+        with self._naming("get"):
+            found = list(self._client.get_prefix(prefix, sort_order="descend",
+                                                 sort_target="create", limit=1, keys_only=True))
+        return found[0][1].key.decode() if found else None
+
+    def keys_by_creation(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, oldest first (an O(keys) listing, for tools)."""
+        with self._naming("get"):
+            return [meta.key.decode() for _, meta in self._client.get_prefix(
+                prefix, sort_order="ascend", sort_target="create", keys_only=True)]
+
     def get_prefix(self, prefix: str) -> dict[str, bytes]:
         """Every key under ``prefix`` with its value."""
         with self._naming("get"):
@@ -90,6 +154,12 @@ class Coordinator:
         """A new lease of ``ttl_seconds``; its id."""
         with self._naming("lease"):
             return int(self._client.lease(ttl_seconds).id)
+
+    def refresh_lease(self, lease: int) -> bool:
+        """Restart ``lease``'s time-to-live at its granted length; False if it already expired."""
+        with self._naming("lease refresh"):
+            replies = list(self._client.refresh_lease(lease))
+        return bool(replies) and int(replies[0].TTL) > 0
 
     def watch_prefixes(self, prefixes: list[str], wake: threading.Event,
                        seen: set[str] | None = None) -> Callable[[], None]:

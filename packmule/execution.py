@@ -77,6 +77,7 @@ def prepare(envelope: Envelope, allowed: frozenset[str]) -> Runner:
     runner._check_method(envelope.method)
     scope = RunScope(envelope.run, envelope.lease,
                      runner.identity, backends(), runner.push_progress_updates)
+    runs.keep_alive(scope.backends, envelope.run, envelope.lease)  # the run is active
     runner._context = Context(scope, Batches(scope, str(envelope.job), replayable=True), envelope.job,
                               envelope.batch)
     return runner

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from packmule.backends import Backends
-from packmule.runs import counts, read
+from packmule.runs import latest_run, observe
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,18 @@ class Progress:
         return self.state not in ("unknown", "running")
 
 
-def read_progress(backends: Backends, identity: str) -> Progress:
-    """The latest run's progress: one etcd read and one memcached read per server."""
-    record = read(backends, identity)
+def read_progress(backends: Backends, runner: str, name: str) -> Progress:
+    """The latest started run's progress, in a constant number of round trips.
+
+    Two etcd reads (the newest run id, then its record with any loss report)
+    and, while the run is running, one read and one ``stats`` per memcached
+    server (counters and loss check together): a run whose state memcached
+    lost reads ``lost`` (and is recorded lost).
+    """
+    run = latest_run(backends, runner, name)
+    record, found = observe(backends, run) if run is not None else (None, None)
     if record is None:
         return Progress()
-    found = record.counts if record.state != "running" and record.counts else None
-    found = found or counts(backends, record.run)
     if found is None:
         return Progress(state="lost" if record.state == "running" else record.state)
     return Progress(found.get("completed", 0), found.get("total", 0), found.get("failed", 0),

@@ -1,6 +1,7 @@
 """`Runner`: what users subclass to fan work out and bring it back.
 
-A run is identified by (runner class, name). In the caller's process,
+A run is identified by (runner class, name) and by its run id; the name
+finds the latest started run. In the caller's process,
 ``run()`` executes the user's ``run`` method there and a `deferred_result`
 blocks until its aggregate fires, then calls the aggregate method in the
 caller. Inside a worker, `deferred_result` returns a JobRef at once: the
@@ -146,8 +147,11 @@ class Runner:
 
     @property
     def identity(self) -> str:
-        """The run's key: runner class and name."""
-        return f"{type(self).__module__}.{type(self).__qualname__}/{self.name}"
+        """``module:QualName/name``: the runner class path and the run's name.
+
+        A class path holds no ``/``, so two (class, name) pairs never share an identity.
+        """
+        return f"{type(self).class_path()}/{self.name}"
 
     @property
     def tube_name(self) -> str:
@@ -337,19 +341,19 @@ class Runner:
         self._check_method("run")
         check_args("run", args)
         dumps(kwargs, what="keyword arguments of run()")
-        scope = self._begin()
+        scope = self._begin(resumable=True)
         context = Context(scope, Batches(scope, "root"))
         try:
             scope.backends.store.add(scope.keys.batch_done("root"), b"0")
             index, body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
             self._put(scope.backends.queue, index, body, delay=0)
         except BaseException as err:  # the run never started: say so, not "running"
-            runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err))
+            runs.finish(scope.backends, scope.run, _failure(err), resumable=False)
             raise
         return JobRef(ROOT_JOB, scope.backends.queue.names[index], scope.run, "root")
 
-    def _begin(self) -> RunScope:
-        record = runs.start(self._backends, self.identity)
+    def _begin(self, *, resumable: bool = False) -> RunScope:
+        record = runs.start(self._backends, type(self).class_path(), self.name, resumable=resumable)
         return RunScope(record.run, record.lease, self.identity, self._backends,
                         self.push_progress_updates)
 
@@ -376,8 +380,11 @@ class Runner:
 
     # Reading ---------------------------------------------------------------------
     def update_progress(self) -> Progress:
-        """Read the latest run's progress (constant cost whatever its size)."""
-        self._progress = read_progress(self._backends, self.identity)
+        """Read the latest started run's progress (constant cost whatever its size).
+
+        A running run whose state memcached lost reads ``lost``, and is recorded lost.
+        """
+        self._progress = read_progress(self._backends, type(self).class_path(), self.name)
         return self._progress
 
     def current_progress(self) -> Progress:
@@ -386,39 +393,63 @@ class Runner:
 
     @classmethod
     def find(cls, name: str = "default") -> RunRecord | None:
-        """The record of the latest run of ``name``; None if no run is known."""
-        return runs.read(backends(), cls(name).identity)
+        """The record of the latest started run of ``name``; None if no run is known.
+
+        Of two runs of one name, the one started last, whichever ends first.
+        A running run whose state memcached lost is recorded, and returned, ``lost``.
+        """
+        run = runs.latest_run(backends(), cls.class_path(), name)
+        return None if run is None else runs.observe(backends(), run)[0]
+
+    @classmethod
+    def find_run(cls, run_id: str) -> RunRecord | None:
+        """The record of run ``run_id`` (``JobRef.run``); None if unknown or of another class.
+
+        On ``Runner`` itself, a run of any class. Loss is checked as by `find`.
+        """
+        record = runs.observe(backends(), run_id)[0] if run_id else None
+        if record is None or (cls is not Runner and record.runner != cls.class_path()):
+            return None
+        return record
 
     def get_return_value(self) -> Any:
-        """The value of the latest run.
+        """The value of the latest started run.
 
         Raises:
             UnknownRun: no run is known. ResultPending: still running.
-            RunFailed, ResultMissing, RunCancelled: how it ended.
+            RunFailed, ResultMissing, RunCancelled: how it ended (ResultMissing
+            too for a running run whose state memcached lost).
         """
-        record = runs.read(self._backends, self.identity)
+        record = self.find(self.name)
         if record is None:
             raise UnknownRun(f"no run of {self.identity} is known")
         if record.state == "running":
-            report = runs.lost_report(self._backends, record.run)
-            if report:
-                raise ResultMissing(report["why"], [_ref(self, record, n) for n in report["jobs"]])
-            raise ResultPending(f"run {record.run} of {self.identity} is still running")
+            raise ResultPending(f"run {record.run} of {record.identity} is still running")
         if record.state == "failed":
             raise RunFailed(_ref(self, record, record.job or 0), record.traceback)
         if record.state == "lost":
-            raise ResultMissing(record.traceback, [_ref(self, record, n) for n in record.lost_jobs])
+            raise ResultMissing(f"run {record.run} of {record.identity}: {record.traceback}",
+                                [_ref(self, record, n) for n in record.lost_jobs])
         if record.state == "cancelled":
-            raise RunCancelled(f"run {record.run} of {self.identity} was cancelled")
+            raise RunCancelled(f"run {record.run} of {record.identity} was cancelled")
         return markers.restore(record.value)
 
-    def cancel(self) -> None:
-        """Cancel the latest run: its jobs are dropped and its aggregates never fire."""
-        record = runs.read(self._backends, self.identity)
-        if record is None:
+    def cancel(self) -> bool:
+        """Cancel the latest started run: its jobs are dropped, its aggregates never fire.
+
+        Returns True if the run was running and is now cancelled; False if it
+        had already ended (its outcome stays as it was).
+
+        Raises:
+            UnknownRun: no run of this name is known.
+        """
+        run = runs.latest_run(self._backends, type(self).class_path(), self.name)
+        if run is None:
             raise UnknownRun(f"no run of {self.identity} is known")
-        runs.cancel(self._backends, self.identity, record)
-        leftovers.remove_parked(self._backends, record.run)
+        if not runs.cancel(self._backends, run):
+            return False
+        leftovers.remove_parked(self._backends, run)
+        return True
 
     def handle_error(self, exc: BaseException, method: str, args: list[Any]) -> Any:
         """Override to supply a value for a job that kept failing.
@@ -498,14 +529,13 @@ def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
             outcome.encode(what=f"the value {type(self).__name__}.run() returned")
         except BaseException as err:
             target = _resume_target(context, err, function.__code__, returned)
-            runs.finish(scope.backends, scope.identity, scope.run, scope.lease, _failure(err),
-                        resumable=target is not None)
+            runs.finish(scope.backends, scope.run, _failure(err), resumable=target is not None)
             if target is not None:
                 resume.chain_root(scope, context.batches, target)
             raise
         finally:
             self._context = None
-        runs.finish(scope.backends, scope.identity, scope.run, scope.lease, outcome)
+        runs.finish(scope.backends, scope.run, outcome)
         return result
 
     return run

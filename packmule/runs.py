@@ -1,26 +1,46 @@
-"""A run's lifecycle: its durable record in etcd, cancellation, loss checks.
+"""A run's lifecycle: its durable record in etcd, its lease, cancellation, loss checks.
 
-The record (``/<namespace>/runs/<runner class>/<name>``) says which run is
-the latest of a (runner class, name), whether it is running or how it ended
-(value or failure, final counts). It lives on the run's etcd lease, so it
-stays for ``result_ttl_seconds`` and "finished" is never confused with
+Each run's record lives under its id (``/<namespace>/run/<run id>``) and is
+indexed under its identity (``/<namespace>/runs/<class path>/<name>/<run
+id>``): the latest *started* run of a (runner class, name) is the index key
+etcd created last, so two runs of one name both proceed, each reachable by
+its id. Record, index key and the run's aggregate markers live on the run's
+etcd lease, kept alive while the run is active (a worker executing its jobs,
+a caller waiting on it) and refreshed once more when it ends: they stay
+``result_ttl_seconds`` after the end, and "finished" is never confused with
 "unknown".
+
+Every change of a record is a transaction on the revision it read, and only
+these transitions exist::
+
+    running -> done | failed | lost | cancelled   (finish, cancel, a loss seen)
+    failed  -> running | done                     (resume, and its completion; if resumable)
+
+An ended run's outcome is never overwritten otherwise.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from packmule import leftovers
 from packmule.backends import Backends
 from packmule.envelope import dumps, loads
+from packmule.errors import PackmuleError, ServerError
 from packmule.outcome import Outcome
 from packmule.store import RunKeys
 
+log = logging.getLogger("packmule.runs")
+
 COUNTERS = ("total", "completed", "failed", "handled", "lost")
 _cancel_cache: dict[str, tuple[float, bool]] = {}
+_alive_cache: dict[str, float] = {}  # run id -> when this process last refreshed its lease
 
 
 @dataclass(frozen=True)
@@ -36,6 +56,13 @@ class RunRecord:
         traceback: for a failure or loss, its text.
         lost_jobs: for a loss, the jobs concerned.
         counts: the final progress counters, once finished.
+        started: when it started (epoch seconds).
+        finished: when it ended (epoch seconds), 0 while running.
+        runner: the runner's class path, ``module:QualName``.
+        name: the run's name.
+        resumable: for a failure, whether kicking its buried job resumes the
+            run (a `run_async` run: its root job is a worker's); a blocking
+            ``run()`` whose caller raised is not.
     """
 
     run: str
@@ -48,32 +75,92 @@ class RunRecord:
     counts: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
+    runner: str = ""
+    name: str = ""
+    resumable: bool = False
+
+    @property
+    def identity(self) -> str:
+        """``module:QualName/name``: the runner class and the run's name."""
+        return f"{self.runner}/{self.name}"
 
 
-def start(backends: Backends, identity: str) -> RunRecord:
-    """Begin a new run of ``identity``: counters, sentinels, record. Returns its record."""
+def start(backends: Backends, runner: str, name: str, *, resumable: bool = False) -> RunRecord:
+    """Begin a new run of (``runner`` class path, ``name``): counters, sentinels, record.
+
+    memcached is written first: a reader that finds the record running also
+    finds its sentinels, and does not take the run for lost.
+    """
     coord, store = backends.coord, backends.store
     record = RunRecord(uuid.uuid4().hex[:16], coord.grant_lease(backends.settings.result_ttl_seconds),
-                       "running", started=time.time())
+                       "running", started=time.time(), runner=runner, name=name,
+                       resumable=resumable)
     keys = RunKeys(backends.settings.namespace, record.run)
-    store.set_many({getattr(keys, name): b"0" for name in ("sequence", *COUNTERS)})
+    store.set_many({getattr(keys, counter): b"0" for counter in ("sequence", *COUNTERS)})
     for index in range(len(store.names)):
         baseline = dumps({"evictions": store.evictions(index)})
         store.set(keys.sentinel(index), baseline, index=index)
-    write(backends, identity, record)
+    index_key = coord.runs_prefix(runner, name) + record.run
+    if not coord.create_all_if_absent({coord.run_key(record.run): _encode(record),
+                                       index_key: b""}, lease=record.lease):
+        raise PackmuleError(f"run id {record.run} of {record.identity} is taken (64 random bits)")
     return record
 
 
-def write(backends: Backends, identity: str, record: RunRecord) -> None:
-    """Store ``record`` as the latest of ``identity``."""
+def read_run(backends: Backends, run: str) -> RunRecord | None:
+    """The record of run ``run`` as stored, or None if none is known (or it expired)."""
+    raw = backends.coord.get(backends.coord.run_key(run))
+    return None if raw is None else _decode(raw)
+
+
+def latest_run(backends: Backends, runner: str, name: str) -> str | None:
+    """The id of the latest started run of (``runner``, ``name``); None if none is known.
+
+    One etcd range read of one key, however many runs the name has.
+    """
+    prefix = backends.coord.runs_prefix(runner, name)
+    key = backends.coord.newest_key(prefix)
+    return None if key is None else key[len(prefix):]
+
+
+def history(backends: Backends, runner: str, name: str) -> list[str]:
+    """The ids of every known run of (``runner``, ``name``), oldest started first (O(runs))."""
+    prefix = backends.coord.runs_prefix(runner, name)
+    return [key[len(prefix):] for key in backends.coord.keys_by_creation(prefix)]
+
+
+def observe(backends: Backends, run: str, *,
+            missing: Callable[[], list[int] | None] | None = None,
+            ) -> tuple[RunRecord | None, dict[str, int] | None]:
+    """The run's record and its progress counters, after checking a running run for loss.
+
+    For a running run, reads the loss report workers leave in etcd and each
+    memcached server's sentinel and eviction count (O(servers), never
+    O(jobs)); when its state is lost, the record goes running -> lost by
+    transaction, naming the jobs ``missing()`` gives (else those reported),
+    so every later reader sees ``lost``. Counters are None if memcached lost them.
+    """
     coord = backends.coord
-    coord.put(coord.run_key(identity), dumps(record.__dict__), lease=record.lease)
-
-
-def read(backends: Backends, identity: str) -> RunRecord | None:
-    """The latest run of ``identity``, or None if none is known."""
-    raw = backends.coord.get(backends.coord.run_key(identity))
-    return None if raw is None else RunRecord(**loads(raw))
+    (raw, _), (report_raw, _) = coord.get_with_revisions(
+        [coord.run_key(run), coord.run_lost_key(run)])
+    if raw is None:
+        return None, None
+    record = _decode(raw)
+    if record.state != "running":
+        return record, record.counts or counts(backends, run)
+    found, whole = _live(backends, run)
+    if whole and report_raw is None:
+        return record, found
+    report = None if report_raw is None else dict(loads(report_raw))
+    why = report["why"] if report else "memcached lost the run's state (restart or eviction)"
+    jobs = missing() if missing else None
+    if jobs is None:
+        jobs = list(report["jobs"]) if report else []
+    now, changed = _end(backends, run, Outcome.missing(jobs, why), found or {}, None)
+    if changed:  # its parked aggregates can never fire now (best effort: their notes may be lost)
+        with suppress(ServerError):
+            leftovers.remove_parked(backends, run)
+    return now, found
 
 
 def counts(backends: Backends, run: str) -> dict[str, int] | None:
@@ -86,34 +173,80 @@ def counts(backends: Backends, run: str) -> dict[str, int] | None:
     return {names[key]: int(value) for key, value in found.items()}
 
 
-def finish(backends: Backends, identity: str, run: str, lease: int, outcome: Outcome, *,
-           resumable: bool = True) -> None:
-    """Record how run ``run`` ended, unless a newer run of ``identity`` started since."""
-    current = read(backends, identity)
-    if current is not None and current.run != run:
-        return
-    if current is not None and current.state == "cancelled":
-        return
-    state = "done" if outcome.ok else ("lost" if outcome.lost else "failed")
+def finish(backends: Backends, run: str, outcome: Outcome, *,
+           resumable: bool | None = None) -> bool:
+    """Record how ``run`` ended; True if this call recorded it.
+
+    Allowed from ``running`` (any end), and from a resumable ``failed`` to
+    ``done`` (the run resumed by a kick completed). Anything else is refused,
+    nothing written: an ended run keeps its outcome, a cancelled run stays
+    cancelled. ``resumable`` sets the record's flag (kept if None). The
+    run's lease is refreshed, so the record stays ``result_ttl_seconds``
+    from the end.
+    """
     final = counts(backends, run) or {}
-    if state == "done" and final:
+    if outcome.ok and final:
         # Every job of a finished run ended: a worker killed between counting a
         # job and marking it counted (two unanswered writes) counted it twice.
         final["completed"] = min(final["completed"], final["total"] - final.get("failed", 0))
-    # A fresh lease: the record stays result_ttl_seconds from the end, not the start.
-    lease = backends.coord.grant_lease(backends.settings.result_ttl_seconds)
-    write(backends, identity, RunRecord(
-        run, lease, state, value=outcome.value, job=None if outcome.ok else outcome.job,
-        traceback=outcome.traceback, lost_jobs=list(outcome.lost_jobs),
-        counts=final, started=current.started if current else 0.0,
-        finished=time.time()))
+    return _end(backends, run, outcome, final, resumable)[1]
 
 
-def cancel(backends: Backends, identity: str, record: RunRecord) -> None:
-    """Mark ``record``'s run cancelled, in memcached (for workers) and etcd."""
-    backends.store.set(RunKeys(backends.settings.namespace, record.run).cancelled, b"1")
-    write(backends, identity, RunRecord(**{**record.__dict__, "state": "cancelled",
-                                           "finished": time.time()}))
+def cancel(backends: Backends, run: str) -> bool:
+    """Cancel ``run`` if it is running: etcd (running -> cancelled), then the flag workers read.
+
+    Returns False if the run had already ended: its outcome stays, and no
+    cancel flag is set. A cancelled run's flag is set again (it may have
+    failed to be written the first time).
+    """
+    now, changed = _transition(backends, run, lambda current: replace(
+        current, state="cancelled", finished=time.time()) if current.state == "running" else None)
+    if now is not None and now.state == "cancelled":
+        backends.store.set(RunKeys(backends.settings.namespace, run).cancelled, b"1")
+    return changed
+
+
+def resume(backends: Backends, run: str) -> bool:
+    """Take a failed, resumable run back to ``running`` (its buried job was kicked).
+
+    Returns False, nothing written, for any other state or a run that is not resumable.
+    """
+    now, changed = _transition(backends, run, lambda current: replace(
+        current, state="running", job=None, traceback="", counts={}, finished=0.0)
+        if current.state == "failed" and current.resumable else None)
+    if changed and now is not None:
+        backends.coord.refresh_lease(now.lease)
+    return changed
+
+
+def keep_alive(backends: Backends, run: str, lease: int) -> None:
+    """Keep ``run``'s lease alive: at most one refresh per quarter of its TTL per process.
+
+    Called for each job a worker executes and each pause of a waiting caller,
+    it costs etcd one refresh (about a millisecond) per run and interval, not
+    one per job. A failed refresh is logged, not raised: the lease has three
+    quarters of its time left, and the next interval tries again.
+    """
+    now = time.monotonic()
+    last = _alive_cache.get(run)
+    if not lease or (last is not None and now - last < backends.settings.result_ttl_seconds / 4):
+        return
+    if len(_alive_cache) > 10_000:
+        _alive_cache.clear()
+    _alive_cache[run] = now
+    try:
+        backends.coord.refresh_lease(lease)
+    except ServerError as err:
+        log.warning("keeping the lease of run %s alive failed: %s", run, err)
+
+
+def job_cancelled(backends: Backends, run: str, lease: int) -> bool:
+    """Whether a job in progress must stop (its run was cancelled); keeps the run's lease alive.
+
+    For the keep-alive of a running job: a single job may outlast the lease's TTL.
+    """
+    keep_alive(backends, run, lease)
+    return is_cancelled(backends, run)
 
 
 def is_cancelled(backends: Backends, run: str) -> bool:
@@ -135,21 +268,80 @@ def state_lost(backends: Backends, run: str) -> bool:
     True when a server's sentinel for the run is gone (restart, flush) or the
     server evicted items since the run started (run memcached with ``-M``).
     """
-    store = backends.store
-    keys = RunKeys(backends.settings.namespace, run)
-    for index in range(len(store.names)):
-        raw = store.get_at(index, [keys.sentinel(index)]).get(keys.sentinel(index))
-        if raw is None or store.evictions(index) > loads(raw)["evictions"]:
-            return True
-    return False
+    return not _live(backends, run, with_counters=False)[1]
 
 
-def lost_report(backends: Backends, run: str) -> dict[str, Any] | None:
-    """What a worker reported when it found the run's state gone, if it did."""
-    raw = backends.coord.get(backends.coord.run_lost_key(run))
-    return None if raw is None else dict(loads(raw))
+def _live(backends: Backends, run: str, *,
+          with_counters: bool = True) -> tuple[dict[str, int] | None, bool]:
+    """``(counters or None, whole)``: one read and at most one ``stats`` per memcached server.
+
+    ``whole`` is False when a server's sentinel for the run is gone or the
+    server evicted items since the run started.
+    """
+    store, keys = backends.store, RunKeys(backends.settings.namespace, run)
+    names = {getattr(keys, name): name for name in COUNTERS} if with_counters else {}
+    wanted = {index: [keys.sentinel(index)] for index in range(len(store.names))}
+    for key in names:
+        wanted[store.server_of(key)].append(key)
+    found: dict[str, bytes] = {}
+    whole = True
+    for index, group in wanted.items():
+        got = store.get_at(index, group)
+        found.update(got)
+        raw = got.get(keys.sentinel(index))
+        whole = whole and raw is not None and store.evictions(index) <= loads(raw)["evictions"]
+    if keys.total not in found:
+        return None, whole
+    return {names[key]: int(found[key]) for key in names if key in found}, whole
 
 
-def resume(backends: Backends, run: str) -> None:
-    """A failed run whose job was kicked and succeeded is running again (interim; see runs branch)."""
-    del backends, run
+def _end(backends: Backends, run: str, outcome: Outcome, final: dict[str, int],
+         resumable: bool | None) -> tuple[RunRecord | None, bool]:
+    """Transition ``run`` to how ``outcome`` ends it, if allowed (see :func:`finish`)."""
+    state = "done" if outcome.ok else ("lost" if outcome.lost else "failed")
+
+    def ended(current: RunRecord) -> RunRecord | None:
+        resuming = current.state == "failed" and current.resumable and outcome.ok
+        if current.state != "running" and not resuming:
+            return None
+        return replace(current, state=state, value=outcome.value,
+                       job=None if outcome.ok else outcome.job, traceback=outcome.traceback,
+                       lost_jobs=list(outcome.lost_jobs), counts=final, finished=time.time(),
+                       resumable=current.resumable if resumable is None else resumable)
+
+    now, changed = _transition(backends, run, ended)
+    if changed and now is not None:
+        backends.coord.refresh_lease(now.lease)  # the TTL counts from the end
+    return now, changed
+
+
+def _transition(backends: Backends, run: str, change: Callable[[RunRecord], RunRecord | None],
+                ) -> tuple[RunRecord | None, bool]:
+    """Apply ``change`` to ``run``'s record by a transaction on the revision read.
+
+    ``change`` returns the new record, or None to refuse (nothing is
+    written). Returns the record as it now stands (None if there is none)
+    and whether this call changed it. A lost compare means another
+    transition came first: read again and decide again. The loop ends
+    because every transition but a resume ends the run, and a resume needs
+    a kick.
+    """
+    coord, key = backends.coord, backends.coord.run_key(run)
+    while True:
+        [(raw, revision)] = coord.get_with_revisions([key])
+        if raw is None:
+            return None, False
+        current = _decode(raw)
+        new = change(current)
+        if new is None:
+            return current, False
+        if coord.replace_if(key, _encode(new), revision, lease=current.lease):
+            return new, True
+
+
+def _encode(record: RunRecord) -> bytes:
+    return dumps(record.__dict__, what=f"the record of run {record.run}")
+
+
+def _decode(raw: bytes) -> RunRecord:
+    return RunRecord(**loads(raw))

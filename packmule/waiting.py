@@ -83,6 +83,7 @@ def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
     down_since: float | None = None
     grace = scope.backends.settings.server_grace_seconds
     for step in itertools.count():
+        runs.keep_alive(scope.backends, scope.run, scope.lease)  # the run is active
         try:
             result = check()
             if result is not None:
@@ -102,15 +103,18 @@ def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
 
 
 def _raise_if_stopped(scope: RunScope, number: int | None) -> None:
-    """Raise ResultMissing if memcached lost the run's state, or RunCancelled."""
-    report = runs.lost_report(scope.backends, scope.run)
-    if report or runs.state_lost(scope.backends, scope.run):
-        why = report["why"] if report else "memcached lost the run's state (restart or eviction)"
-        record = aggregate.aggregate_record(scope, number) if number is not None else None
-        if record is not None:
-            missing = aggregate.gather(scope, record).missing
-        else:
-            missing = list(report["jobs"]) if report else [number or 0]
-        raise ResultMissing(why, [scope.ref(n) for n in missing])
-    if runs.is_cancelled(scope.backends, scope.run):
+    """Raise ResultMissing if memcached lost the run's state (recording it lost), or RunCancelled."""
+    record, _ = runs.observe(scope.backends, scope.run, missing=lambda: _missing(scope, number))
+    if record is None:
+        raise ResultMissing(f"run {scope.run} of {scope.identity}: its etcd record is gone")
+    if record.state == "lost":
+        raise ResultMissing(record.traceback,
+                            [scope.ref(n) for n in record.lost_jobs or [number or 0]])
+    if record.state == "cancelled" or runs.is_cancelled(scope.backends, scope.run):
         raise RunCancelled(f"run {scope.run} of {scope.identity} was cancelled")
+
+
+def _missing(scope: RunScope, number: int | None) -> list[int] | None:
+    """The jobs aggregate ``number`` lacks, or None if its description is gone too."""
+    record = aggregate.aggregate_record(scope, number) if number is not None else None
+    return None if record is None else aggregate.gather(scope, record).missing

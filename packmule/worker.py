@@ -274,7 +274,7 @@ class Worker:
         try:
             # The keep-alive thread must use its own connections: backends() there.
             with self._keepalive.watching(
-                    client, job, ttr, lambda: runs.is_cancelled(backends(), envelope.run)):
+                    client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease)):
                 result = execution.execute(runner, envelope)
         except JobCancelled:
             client.delete(job)

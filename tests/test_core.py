@@ -132,20 +132,9 @@ def test_aggregate_registered_after_its_jobs_finished_fires_once(
 
 def _progress_round_trips(name: str) -> int:
     store, coord = backends().store, backends().coord
-    calls = {"etcd": 0}
-    original = coord.get
-
-    def counting_get(key: str) -> bytes | None:
-        calls["etcd"] += 1
-        return original(key)
-
-    coord.get = counting_get  # type: ignore[method-assign]
-    before = store.round_trips
-    try:
-        ProgressProbe(name).update_progress()
-    finally:
-        coord.get = original  # type: ignore[method-assign]
-    return store.round_trips - before + calls["etcd"]
+    before = store.round_trips + coord.round_trips
+    ProgressProbe(name).update_progress()
+    return store.round_trips + coord.round_trips - before
 
 
 class ProgressProbe(Adder):
@@ -160,7 +149,9 @@ class ProgressProbe(Adder):
 def test_progress_costs_the_same_at_10_and_10000_jobs(env: dict[str, str]) -> None:
     small, large = ProgressProbe("small").run(10), ProgressProbe("large").run(10_000)
     assert small == large
-    assert small <= 3
+    # etcd: the newest run id, then its record with any loss report; memcached (one
+    # server): the counters with the run's sentinel, and its eviction count.
+    assert small <= 4
 
 
 def test_flushing_memcached_mid_run_raises_result_missing(env: dict[str, str],

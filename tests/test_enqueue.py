@@ -13,12 +13,13 @@ from collections.abc import Iterator
 import greenstalk
 import pytest
 from conftest import Workers, isolated_settings
-from runners import Adder
+from runners import Adder, Driven
 
 import packmule
 from packmule import queue as queue_module
 from packmule.backends import backends
 from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args
+from packmule.jobref import JobRef
 from packmule.queue import Queue
 from packmule.servers import LocalServers, start_local_servers
 
@@ -80,12 +81,13 @@ def test_a_refused_put_counts_the_rest_of_its_chunk_and_stops(
 
 def test_enqueue_each_across_the_pool_keeps_order(pool_env: dict[str, str]) -> None:
     tube, count = pool_env["PACKMULE_TUBE"], 3_000
-    refs = Adder("pool").enqueue_each("echo", [(i, 0) for i in range(count)])
+    refs: list[JobRef] = []
+    Driven("pool").run(lambda r: refs.extend(r.enqueue_each("echo", [(i, 0) for i in range(count)])))
     queue = backends().queue
     numbers = [ref.number for ref in refs]
     assert numbers == list(range(numbers[0], numbers[0] + count))
     assert [ref.server for ref in refs] == [queue.names[n % 2] for n in numbers]
-    assert Adder("pool").update_progress().total == count
+    assert Driven("pool").update_progress().total == count
     item_of = {ref.number: i for i, ref in enumerate(refs)}
     for index in (0, 1):
         assert _in_tube(index, tube) == count // 2
@@ -116,9 +118,10 @@ def test_a_too_big_job_in_a_pool_batch_is_refused_before_any_put(
         pool_env: dict[str, str]) -> None:
     tube = pool_env["PACKMULE_TUBE"]
     with pytest.raises(packmule.JobTooBig, match="max-job-size 65535"):
-        Adder("big").enqueue_each("echo", [(i, 0) for i in range(1_000)] + [(BIG, 0)])
+        Driven("big").run(
+            lambda r: r.enqueue_each("echo", [(i, 0) for i in range(1_000)] + [(BIG, 0)]))
     assert _in_tube(0, tube) == _in_tube(1, tube) == 0
-    assert Adder("big").update_progress().total == 0
+    assert Driven("big").update_progress().total == 0
 
 
 def test_a_run_across_the_pool_sums_every_job(pool_env: dict[str, str]) -> None:
@@ -132,19 +135,23 @@ def test_a_run_across_the_pool_sums_every_job(pool_env: dict[str, str]) -> None:
 
 def test_a_server_failing_mid_batch_uncounts_exactly_the_unput_jobs(
         pool: LocalServers, pool_env: dict[str, str]) -> None:
-    tube, runner = pool_env["PACKMULE_TUBE"], Adder("drained")
-    queue = backends().queue
-    (warm,) = runner.enqueue_each("echo", [(0, 0)])  # the run exists; numbers go on from here
-    drained = queue.names.index(warm.server)  # the batch below puts on the other server first
-    os.kill(_server_pid(queue, drained), signal.SIGUSR1)  # beanstalkd's drain mode: it refuses every put
-    try:
-        with pytest.raises(packmule.QueueUnavailable, match="draining") as caught:
-            runner.enqueue_each("echo", [(i, 0) for i in range(100)])
-        assert caught.value.address == queue.names[drained]
-        assert _in_tube(1 - drained, tube) == 50 and _in_tube(drained, tube) == 1
-        assert runner.update_progress().total == 51
-    finally:
-        pool.restart_beanstalkd(drained)
+    tube, queue = pool_env["PACKMULE_TUBE"], backends().queue
+
+    def put_while_draining(runner: Adder) -> None:
+        (warm,) = runner.enqueue_each("echo", [(0, 0)])  # the run exists; numbers go on from here
+        drained = queue.names.index(warm.server)  # the batch below puts on the other server first
+        os.kill(_server_pid(queue, drained), signal.SIGUSR1)  # drain mode: it refuses every put
+        try:
+            with pytest.raises(packmule.QueueUnavailable, match="draining") as caught:
+                runner.enqueue_each("echo", [(i, 0) for i in range(100)])
+            assert caught.value.address == queue.names[drained]
+            assert _in_tube(1 - drained, tube) == 50 and _in_tube(drained, tube) == 1
+            assert runner.update_progress().total == 51
+        finally:
+            pool.restart_beanstalkd(drained)
+
+    Driven("drained").run(put_while_draining)
+    assert Driven("drained").update_progress().total == 51
 
 
 def _server_pid(queue: Queue, index: int) -> int:

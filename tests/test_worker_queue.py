@@ -10,9 +10,10 @@ import greenstalk
 import pytest
 from conftest import Workers, wait_until
 from fault_runners import LongJob
-from runners import Adder
+from runners import Adder, Driven
 
 from packmule.backends import backends
+from packmule.jobref import JobRef
 from packmule.queue import connect, delete_then_reserve
 from packmule.worker import Worker
 
@@ -51,14 +52,18 @@ def test_delete_then_reserve_deletes_and_hands_out_the_next_job(env: dict[str, s
 
 def test_a_worker_deletes_its_last_job_before_it_stops(env: dict[str, str]) -> None:
     """Burst mode stops on an empty tube; every finished job is deleted, none left reserved."""
-    runner = Adder("burst")
-    refs = runner.enqueue_each("echo", [[1, 0], [2, 0], [3, 0]])
-    Worker(imports=["runners"], tubes=[env["PACKMULE_TUBE"]], burst=True).run()
+    refs: list[JobRef] = []
+
+    def enqueue_then_work(runner: Adder) -> None:
+        refs.extend(runner.enqueue_each("echo", [[1, 0], [2, 0], [3, 0]]))
+        Worker(imports=["runners"], tubes=[env["PACKMULE_TUBE"]], burst=True).run()
+
+    Driven("burst").run(enqueue_then_work)
     stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
     assert stats.get("total-jobs", 0) == len(refs)
     for state in ("ready", "reserved", "delayed", "buried"):  # the worker's connection is open
         assert stats.get(f"current-jobs-{state}", 0) == 0, state
-    assert Adder("burst").update_progress().completed == len(refs)
+    assert Driven("burst").update_progress().completed == len(refs)
 
 
 @pytest.mark.timeout(60)
