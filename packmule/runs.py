@@ -36,6 +36,7 @@ class RunRecord:
         traceback: for a failure or loss, its text.
         lost_jobs: for a loss, the jobs concerned.
         counts: the final progress counters, once finished.
+        method: for a failure, the method of the job that failed.
     """
 
     run: str
@@ -48,6 +49,7 @@ class RunRecord:
     counts: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
+    method: str = ""
 
 
 def start(backends: Backends, identity: str) -> RunRecord:
@@ -105,7 +107,7 @@ def finish(backends: Backends, identity: str, run: str, lease: int, outcome: Out
         run, lease, state, value=outcome.value, job=None if outcome.ok else outcome.job,
         traceback=outcome.traceback, lost_jobs=list(outcome.lost_jobs),
         counts=final, started=current.started if current else 0.0,
-        finished=time.time()))
+        finished=time.time(), method=outcome.method))
 
 
 def cancel(backends: Backends, identity: str, record: RunRecord) -> None:
