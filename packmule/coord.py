@@ -151,7 +151,7 @@ class Coordinator:
             with self._naming("watch"):
                 for prefix in prefixes:
                     ids.append(self._client.add_watch_prefix_callback(prefix, on_event))
-        except CoordinatorUnavailable:
+        except ServerError:
             cancel()
             raise
         return cancel

@@ -231,7 +231,8 @@ class Store:
         self._check_size(key, value)
         if not self._call(where, "set", lambda c: c.set(key, value, expire=self.ttl,
                                                          noreply=False)):
-            raise StoreUnavailable(self.names[where], f"memcached did not store {key}")
+            raise ServerRefused(self.names[where], f"memcached did not store {key}",
+                                reply="NOT_STORED")
 
     def set_many(self, values: dict[str, bytes]) -> None:
         """Store several keys, one pipelined round trip per server."""
@@ -242,7 +243,8 @@ class Store:
             failed = self._call(index, "set", lambda c, g=group: c.set_many(  # type: ignore[misc]
                 g, expire=self.ttl, noreply=False))
             if failed:
-                raise StoreUnavailable(self.names[index], f"memcached did not store {failed[:3]}")
+                raise ServerRefused(self.names[index], f"memcached did not store {failed[:3]}",
+                                    reply="NOT_STORED")
 
     def get(self, key: str) -> bytes | None:
         """The value of ``key``, or None if absent (never stored, expired or lost)."""

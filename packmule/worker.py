@@ -33,7 +33,14 @@ from packmule import execution, runs
 from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import decode
-from packmule.errors import JobCancelled, PackmuleError, ServerError, ServerRefused, ServerUnavailable
+from packmule.errors import (
+    EncodeError,
+    JobCancelled,
+    PackmuleError,
+    ServerError,
+    ServerRefused,
+    ServerUnavailable,
+)
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.retry import backoff_seconds
 
@@ -238,7 +245,7 @@ class Worker:
         except BaseException as err:  # e.g. a value no server takes, an error path that raised
             # One job's trouble must not stop the worker (every worker would meet
             # the job in turn): fail it, so a waiting caller hears of it, and bury it.
-            self._bury_failed(client, job, runner, envelope, err)
+            self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
         return False
 
     def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
@@ -267,8 +274,12 @@ class Worker:
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)
             return False
-        # A value JSON cannot carry, or a server refuses, raises: _handle fails the job.
-        execution.record(runner, envelope, result)
+        try:
+            execution.record(runner, envelope, result)
+        except (EncodeError, ServerRefused) as err:  # the same value again would fail again
+            self._bury_failed(client, job, runner, envelope, "its return value cannot be "
+                              f"recorded: {type(err).__name__}: {err}")
+            return False
         return True
 
     def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
@@ -289,18 +300,17 @@ class Worker:
         if execution.handle(runner, envelope, err):
             client.delete(job)
             return
-        self._bury_failed(client, job, runner, envelope, err)
+        self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
 
     def _bury_failed(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                     runner: Any, envelope: Any, err: BaseException) -> None:
-        """Record the job as failed (naming ``err``), log it at ERROR and bury it.
+                     runner: Any, envelope: Any, text: str) -> None:
+        """Record the job as failed with ``text`` (its traceback), log it at ERROR, bury it.
 
         Buried, not deleted: once the cause is fixed, a kick runs it again and
         its run resumes. If even the failure cannot be recorded (memcached
         full), the job is buried all the same; an outage leaves it to be
         handed out again.
         """
-        text = execution.user_traceback(err)
         log.error("job %s %s() of run %s failed for good, burying:\n%s", envelope.job,
                   envelope.method, envelope.run, text)
         try:
