@@ -30,7 +30,7 @@ from packmule import aggregate
 from packmule.backends import backends
 from packmule.errors import ServerRefused, ServerUnavailable
 from packmule.jobref import JobRef
-from packmule.servers import HOST
+from packmule.servers import HOST, _binary
 from packmule.store import Quiet, RunKeys, Store
 
 MB = 1024 * 1024
@@ -115,7 +115,7 @@ def full_memcached() -> Iterator[str]:
         probe.bind((HOST, 0))
         port = probe.getsockname()[1]
     user = ["-u", "root"] if os.geteuid() == 0 else []
-    proc = subprocess.Popen(["memcached", "-l", HOST, "-p", str(port), "-U", "0", "-M",
+    proc = subprocess.Popen([_binary("memcached"), "-l", HOST, "-p", str(port), "-U", "0", "-M",
                              "-m", "2", *user], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def serves() -> bool:
