@@ -375,17 +375,62 @@ def register_aggregate(
         server, job_id = park(number, own_batch) if park else (-1, 0)
     record = {"deps": as_ranges(ref.number for ref in deps), "batches": list(sizes),
               "af": allow_failures, "halt": halt, "srv": server, "bid": job_id, "own": own_batch}
-    scope.backends.store.set(scope.keys.aggregate(number), dumps(record))
+    _store_description(scope, number, record)
     for batch, size in sizes.items():
         add_waiter(scope, batch, size, ["a", number])
     try_fire(scope, number)
     return scope.ref(number, own_batch), record
 
 
+# Ranges of job numbers per memcached item of a long dependency list: at most
+# ~25 bytes a range, so a part stays near half of memcached's default 1 MB item.
+DEPS_PER_PART = 20_000
+
+
+def _store_description(scope: RunScope, number: int, record: dict[str, Any]) -> None:
+    """Store an aggregate's description; a long dependency list goes in parts.
+
+    An aggregate over ~50k scattered jobs (every other job, interleaved
+    batches) has as many ranges, over memcached's item size in one value.
+    Its parts are written first, and the description names how many there
+    are (``parts``) instead of holding them, so :func:`try_fire`, which reads
+    the description on every completion of its batches, stays one small read.
+    """
+    store, keys = scope.backends.store, scope.keys
+    ranges = record["deps"]
+    if len(ranges) <= DEPS_PER_PART:
+        store.set(keys.aggregate(number), dumps(record))
+        return
+    starts = range(0, len(ranges), DEPS_PER_PART)
+    store.set_many({keys.aggregate_part(number, part): dumps(ranges[start:start + DEPS_PER_PART])
+                    for part, start in enumerate(starts)})
+    short = {key: value for key, value in record.items() if key != "deps"}
+    store.set(keys.aggregate(number), dumps({**short, "parts": len(starts), "n": number}))
+
+
 def aggregate_record(scope: RunScope, number: int) -> dict[str, Any] | None:
-    """The description :func:`register_aggregate` stored, or None if lost."""
+    """The description :func:`register_aggregate` stored, or None if lost.
+
+    A long dependency list is not in it: :func:`dependencies` reads it.
+    """
     raw = scope.backends.store.get(scope.keys.aggregate(number))
     return None if raw is None else dict(loads(raw))
+
+
+def dependencies(scope: RunScope, record: dict[str, Any]) -> list[int]:
+    """The job numbers an aggregate waits on, in order, from its description.
+
+    Raises:
+        ResultMissing: naming the aggregate, if a part of its list is gone.
+    """
+    if "deps" in record:
+        return from_ranges(record["deps"])
+    names = [scope.keys.aggregate_part(record["n"], part) for part in range(record["parts"])]
+    found = scope.backends.store.get_many(names)
+    if len(found) < len(names):
+        raise ResultMissing(f"run {scope.run}: memcached lost part of the dependency list "
+                            f"of aggregate {record['n']}", [scope.ref(record["n"])])
+    return [n for name in names for n in from_ranges(loads(found[name]))]
 
 
 def try_fire(scope: RunScope, number: int) -> None:
@@ -419,8 +464,12 @@ class Gathered:
 
 
 def gather(scope: RunScope, record: dict[str, Any]) -> Gathered:
-    """Read every dependency's outcome, a chunk of keys at a time (flat memory)."""
-    deps = from_ranges(record["deps"])
+    """Read every dependency's outcome, a chunk of keys at a time (flat memory).
+
+    Raises:
+        ResultMissing: part of the aggregate's dependency list is gone.
+    """
+    deps = dependencies(scope, record)
     gathered = Gathered([], [], None)
     for start in range(0, len(deps), GATHER_CHUNK):
         _gather_chunk(scope, deps[start:start + GATHER_CHUNK], gathered)

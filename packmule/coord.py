@@ -23,13 +23,41 @@ import etcd3.watch
 import grpc
 
 from packmule.config import Address, format_address
-from packmule.errors import CoordinatorUnavailable
+from packmule.errors import CoordinatorUnavailable, ServerError, ServerRefused
 
 if not hasattr(etcd3.watch, "six"):
     # python3-etcd3 0.13 still calls six.itervalues() when a watch stream ends
     # (server restart, client close) without importing six; the NameError kills
     # its watch thread. Provide the one function it uses.
     etcd3.watch.six = type("six", (), {"itervalues": staticmethod(lambda d: iter(d.values()))})
+
+# gRPC status codes by which etcd says a request is wrong, not that it is away:
+# "request is too large" (INVALID_ARGUMENT, over --max-request-bytes, 1.5 MiB by
+# default), "database space exceeded" and gRPC's own message limit
+# (RESOURCE_EXHAUSTED), "requested lease not found" (NOT_FOUND)... The rest
+# (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, INTERNAL, UNKNOWN, ABORTED) and
+# socket errors are outages.
+_REFUSALS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+})
+
+
+def _status(err: BaseException) -> tuple[grpc.StatusCode | None, str]:
+    """The gRPC status code and details behind ``err``, if it carries one.
+
+    python-etcd3 replaces some gRPC errors with its own (FAILED_PRECONDITION
+    becomes PreconditionFailedError), raised while handling the original.
+    """
+    for candidate in (err, err.__context__):
+        code = getattr(candidate, "code", None)
+        if isinstance(candidate, grpc.RpcError) and callable(code):
+            details = getattr(candidate, "details", lambda: "")
+            return code(), str(details() or "")
+    return None, ""
 
 
 class Coordinator:
@@ -51,7 +79,15 @@ class Coordinator:
         try:
             yield
         except (etcd3.exceptions.Etcd3Exception, grpc.RpcError, OSError, ValueError) as err:
-            raise CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}") from err
+            raise self._error(action, err) from err
+
+    def _error(self, action: str, err: BaseException) -> ServerError:
+        """ServerRefused if etcd answered that the request is wrong, else CoordinatorUnavailable."""
+        code, details = _status(err)
+        if code is not None and code in _REFUSALS:
+            return ServerRefused(self.names, f"etcd refused {action} ({code.name}): {details}",
+                                 reply=details)
+        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}")
 
     # Keys -----------------------------------------------------------------
     def run_key(self, run: str) -> str:
@@ -185,7 +221,7 @@ class Coordinator:
             with self._naming("watch"):
                 for prefix in prefixes:
                     ids.append(self._client.add_watch_prefix_callback(prefix, on_event))
-        except CoordinatorUnavailable:
+        except ServerError:
             cancel()
             raise
         return cancel

@@ -54,16 +54,36 @@ class ServerError(PackmuleError):
         self.address = address
 
 
-class QueueUnavailable(ServerError):
-    """beanstalkd failed."""
+class ServerUnavailable(ServerError):
+    """A server is unreachable or silent: an outage, retried (a restart passes)."""
 
 
-class StoreUnavailable(ServerError):
-    """memcached failed."""
+class ServerRefused(ServerError):
+    """A server answered that a request is wrong (too large, bad data, full under ``-M``).
+
+    Not an outage: the same request would be refused again, so it fails the
+    call or the job at once, never retried.
+
+    Attributes:
+        address: ``host:port`` of the server concerned.
+        reply: the server's own words.
+    """
+
+    def __init__(self, address: str, message: str, *, reply: str = "") -> None:
+        super().__init__(address, message)
+        self.reply = reply
 
 
-class CoordinatorUnavailable(ServerError):
-    """etcd failed."""
+class QueueUnavailable(ServerUnavailable):
+    """beanstalkd is unreachable or silent."""
+
+
+class StoreUnavailable(ServerUnavailable):
+    """memcached is unreachable or silent."""
+
+
+class CoordinatorUnavailable(ServerUnavailable):
+    """etcd is unreachable or silent."""
 
 
 class ResultError(PackmuleError):
@@ -99,16 +119,28 @@ class ResultMissing(ResultError):
 class RunFailed(ResultError):
     """A job of the run failed for good (it was buried).
 
+    The message reads ``job 4 snooze() of run <run id> failed: ValueError: boom``,
+    then the traceback.
+
     Attributes:
         job: the job that failed first.
-        traceback: the text of its traceback.
+        traceback: the text of its traceback, from the user's first frame.
+        method: the method of that job ("" if unknown).
+        run: the id of the run.
     """
 
-    def __init__(self, job: JobRef | None, traceback: str) -> None:
+    def __init__(self, job: JobRef | None, traceback: str, *, method: str = "",
+                 run: str = "") -> None:
         last = traceback.strip().splitlines()[-1] if traceback.strip() else "failed"
-        super().__init__(f"job {job!r} failed: {last}\n{traceback}")
+        run = run or (job.run if job is not None else "")
+        who = "a job" if job is None else f"job {job.number}"
+        called = f" {method}()" if method else ""
+        of_run = f" of run {run}" if run else ""
+        super().__init__(f"{who}{called}{of_run} failed: {last}\n{traceback}")
         self.job = job
         self.traceback = traceback
+        self.method = method
+        self.run = run
 
 
 class DecodeError(PackmuleError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,13 @@ from packmule import aggregate, runs
 from packmule.aggregate import Batches, RunScope
 from packmule.backends import backends
 from packmule.envelope import Envelope
-from packmule.errors import DecodeError, EncodeError
+from packmule.errors import DecodeError, ResultMissing
 from packmule.jobref import JobRef
 from packmule.outcome import Outcome
 from packmule.runner import Context, Runner
 
 log = logging.getLogger("packmule.worker")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,10 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
     record = aggregate.aggregate_record(scope, envelope.job)
     if record is None:
         return Outcome.missing([envelope.job], "the aggregate's description is gone")
-    gathered = aggregate.gather(scope, record)
+    try:
+        gathered = aggregate.gather(scope, record)
+    except ResultMissing as err:  # a part of its dependency list is gone: a loss, final
+        return Outcome.missing([ref.number for ref in err.jobs], str(err))
     verdict = aggregate.settle(scope, record, gathered)
     if verdict == aggregate.WAIT:
         return Verdict("kicked before its dependencies recorded their values", recheck=True)
@@ -117,11 +122,20 @@ def recorded(runner: Runner, envelope: Envelope) -> bool:
     """Whether a parked aggregate's dependencies have all recorded their outcomes now."""
     scope = _scope(runner)
     record = aggregate.aggregate_record(scope, envelope.job)
-    return record is not None and not aggregate.gather(scope, record).missing
+    try:
+        return record is not None and not aggregate.gather(scope, record).missing
+    except ResultMissing:  # kicked, its execution records the loss
+        return True
 
 
 def record(runner: Runner, envelope: Envelope, result: Any) -> None:
-    """Record a job's result: chain a returned JobRef, store a value or an outcome."""
+    """Record a job's result: chain a returned JobRef, store a value or an outcome.
+
+    Raises:
+        EncodeError: the value is not JSON (a set, a datetime): nothing was recorded.
+        ServerRefused: a server refused the value (over memcached's item size).
+        Either fails the job for good: running it again returns the same value.
+    """
     scope = _scope(runner)
     if isinstance(result, JobRef):
         assert runner._context is not None
@@ -130,28 +144,28 @@ def record(runner: Runner, envelope: Envelope, result: Any) -> None:
         return
     outcome = result if isinstance(result, Outcome) else Outcome.done(
         result if runner.record_return_values else None)
-    try:
-        aggregate.complete(scope, envelope.job, envelope.batch, outcome)
-    except EncodeError as err:
-        fail(runner, envelope, f"{envelope.method}() returned a value JSON cannot carry: {err}")
+    aggregate.complete(scope, envelope.job, envelope.batch, outcome)
 
 
 def fail(runner: Runner, envelope: Envelope, text: str) -> None:
-    """Record the job as failed for good with ``text`` (a traceback)."""
+    """Record the job as failed for good with ``text`` (a traceback), naming its method."""
     aggregate.complete(_scope(runner), envelope.job, envelope.batch,
-                       Outcome.failed(envelope.job, text, own=True))
+                       Outcome.failed(envelope.job, text, own=True, method=envelope.method))
 
 
 def handle(runner: Runner, envelope: Envelope, err: BaseException) -> bool:
-    """Give the runner's ``handle_error`` a chance; True if it supplied a value."""
+    """Give the runner's ``handle_error`` a chance; True if it supplied a value, recorded.
+
+    False if it raised (the default re-raises): the caller fails the job.
+    Raises what :func:`record` raises for a value that cannot be recorded.
+    """
     try:
         value = runner.handle_error(err, envelope.method, list(envelope.args))
-    except BaseException:
-        fail(runner, envelope, "".join(traceback.format_exception(err)))
+    except BaseException:  # SystemExit too: a hook's failure is the job's
         return False
+    record(runner, envelope, value)
     scope = _scope(runner)
     scope.backends.store.incr_quietly(scope.keys.handled)
-    record(runner, envelope, value)
     return True
 
 
@@ -169,6 +183,19 @@ def fail_unrunnable(envelope: Envelope, reason: str) -> bool:
     aggregate.complete(scope, envelope.job, envelope.batch,
                        Outcome.failed(envelope.job, text, own=True, method=envelope.method))
     return True
+
+
+def user_traceback(err: BaseException) -> str:
+    """The formatted exception, starting at the first frame outside packmule.
+
+    The leading frames (worker, execution, the ``run`` wrapper) say nothing
+    about the user's code. An error packmule raised by itself, with no frame
+    of the user's, keeps them all.
+    """
+    start = err.__traceback__
+    while start is not None and start.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        start = start.tb_next
+    return "".join(traceback.format_exception(type(err), err, start or err.__traceback__))
 
 
 def _scope(runner: Runner) -> RunScope:

@@ -17,13 +17,17 @@ import greenstalk
 
 from packmule import sockets
 from packmule.config import Address, format_address
-from packmule.errors import JobTooBig, QueueUnavailable
+from packmule.errors import JobTooBig, QueueUnavailable, ServerRefused
 
 # beanstalkd's largest delay is 2**32 - 1 seconds; an aggregate waits as a
 # delayed job for about 68 years, and firing it is an idempotent kick-job.
 PARK_SECONDS = 2**31
 T = TypeVar("T")
 _CLIENT_ERRORS = (OSError, greenstalk.Error, greenstalk.UnknownResponseError)
+# beanstalkd's answers that a command is wrong, or that it cannot take it
+# (out of memory: a put is stored buried): sending it again cannot help.
+_REFUSALS = (greenstalk.BadFormatError, greenstalk.ExpectedCrlfError,
+             greenstalk.UnknownCommandError, greenstalk.OutOfMemoryError, greenstalk.BuriedError)
 # Pipelined puts go out in chunks of about this many bytes, or this many jobs:
 # one write carries hundreds of small jobs, and the replies left unread while
 # it is sent (about 16 bytes a job) stay far below any socket buffer, so
@@ -34,6 +38,8 @@ _CHUNK_JOBS = 500
 
 class naming:
     """Turn socket and protocol errors into QueueUnavailable naming ``address``.
+
+    beanstalkd's refusals (bad format, out of memory...) become ServerRefused.
 
     A class, not @contextmanager: a worker enters two per job, and a
     generator-based one costs several times more.
@@ -47,10 +53,13 @@ class naming:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  _tb: object) -> None:
-        if err is not None and not isinstance(err, greenstalk.JobTooBigError) \
-                and isinstance(err, _CLIENT_ERRORS):
-            raise QueueUnavailable(self.address,
-                                   f"beanstalkd {self.action} failed: {err!r}") from err
+        if err is None or isinstance(err, greenstalk.JobTooBigError) \
+                or not isinstance(err, _CLIENT_ERRORS):
+            return
+        if isinstance(err, _REFUSALS):
+            raise ServerRefused(self.address, f"beanstalkd refused {self.action}: {err!r}",
+                                reply=type(err).__name__) from err
+        raise QueueUnavailable(self.address, f"beanstalkd {self.action} failed: {err!r}") from err
 
 
 def _wire(client: greenstalk.Client[bytes]) -> tuple[socket.socket, io.BufferedReader]:
@@ -189,7 +198,8 @@ class Queue:
 
         Raises:
             JobTooBig: the server refused the size (Runner checks it first, naming the limit).
-            QueueUnavailable: the server is unreachable or refused the job.
+            ServerRefused: the server refused the job (out of memory, a bad command).
+            QueueUnavailable: the server is unreachable or draining.
         """
         stored: list[int] = []
         self.put_many(index, tube, [body], priority=priority, delay=delay, ttr=ttr, stored=stored)
@@ -213,7 +223,8 @@ class Queue:
 
         Raises:
             JobTooBig: the server refused a job's size (Runner checks it first, naming the limit).
-            QueueUnavailable: the server is unreachable, or refused a job (draining, out of memory).
+            ServerRefused: the server refused a job (out of memory, a bad command).
+            QueueUnavailable: the server is unreachable, or draining.
         """
         head = b"put %d %d %d " % (priority, int(delay), int(ttr))
         for chunk in _chunks(bodies):
@@ -257,13 +268,16 @@ class Queue:
         name = self.names[index]
         if status == b"JOB_TOO_BIG":
             return JobTooBig(f"job of {len(body)} bytes refused by {name}")
+        words = reply.strip().decode(errors="replace")
         if status == b"BURIED" and values:
             stored.append(int(values[0]))
-            return QueueUnavailable(name, f"beanstalkd is out of memory: it stored job "
-                                          f"{int(values[0])} buried, not ready")
-        if status == b"DRAINING":
+            return ServerRefused(name, f"beanstalkd is out of memory: it stored job "
+                                       f"{int(values[0])} buried, not ready", reply=words)
+        if status == b"DRAINING":  # going away: an outage, not a judgement of the job
             return QueueUnavailable(name, "beanstalkd is draining: it takes no new jobs")
-        return QueueUnavailable(name, f"beanstalkd refused a put: {reply.strip()!r}")
+        if status == b"INTERNAL_ERROR":  # its own fault: may pass
+            return QueueUnavailable(name, f"beanstalkd failed a put: {words}")
+        return ServerRefused(name, f"beanstalkd refused a put: {words}", reply=words)
 
     def kick_job(self, index: int, job_id: int) -> bool:
         """Move a delayed or buried job to ready; False if it is in neither state.

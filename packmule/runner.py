@@ -426,7 +426,8 @@ class Runner:
         if record.state == "running":
             raise ResultPending(f"run {record.run} of {record.identity} is still running")
         if record.state == "failed":
-            raise RunFailed(_ref(self, record, record.job or 0), record.traceback)
+            raise RunFailed(_ref(self, record, record.job or 0), record.traceback,
+                            method=record.method, run=record.run)
         if record.state == "lost":
             raise ResultMissing(f"run {record.run} of {record.identity}: {record.traceback}",
                                 [_ref(self, record, n) for n in record.lost_jobs])
@@ -556,5 +557,6 @@ def _failure(err: BaseException) -> Outcome:
     if isinstance(err, ResultMissing):
         return Outcome.missing([ref.number for ref in err.jobs], str(err))
     if isinstance(err, RunFailed):
-        return Outcome.failed(err.job.number if err.job else 0, err.traceback, own=False)
+        return Outcome.failed(err.job.number if err.job else 0, err.traceback, own=False,
+                              method=err.method)
     return Outcome.failed(0, "".join(traceback.format_exception(err)), own=False)

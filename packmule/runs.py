@@ -63,6 +63,7 @@ class RunRecord:
         resumable: for a failure, whether kicking its buried job resumes the
             run (a `run_async` run: its root job is a worker's); a blocking
             ``run()`` whose caller raised is not.
+        method: for a failure, the method of the job that failed.
     """
 
     run: str
@@ -83,6 +84,7 @@ class RunRecord:
     def identity(self) -> str:
         """``module:QualName/name``: the runner class and the run's name."""
         return f"{self.runner}/{self.name}"
+    method: str = ""
 
 
 def start(backends: Backends, runner: str, name: str, *, resumable: bool = False) -> RunRecord:
@@ -307,6 +309,7 @@ def _end(backends: Backends, run: str, outcome: Outcome, final: dict[str, int],
         return replace(current, state=state, value=outcome.value,
                        job=None if outcome.ok else outcome.job, traceback=outcome.traceback,
                        lost_jobs=list(outcome.lost_jobs), counts=final, finished=time.time(),
+                       method="" if outcome.ok else outcome.method,
                        resumable=current.resumable if resumable is None else resumable)
 
     now, changed = _transition(backends, run, ended)

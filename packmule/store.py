@@ -18,13 +18,23 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+)
 
 from packmule.config import Address, format_address
-from packmule.errors import StoreUnavailable
+from packmule.errors import ServerRefused, StoreUnavailable
 from packmule.sockets import KernelTimedSockets
 
 T = TypeVar("T")
+# What memcached 1.6 adds to key and value to size an item against its item
+# size (-I): a 48-byte header, the key's terminator, the value's CRLF, the
+# 8-byte CAS and 4 bytes of flags (59 measured without flags); plus room for
+# the byte packmule appends to a job's record once counted.
+ITEM_OVERHEAD = 64 + 8
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,10 @@ class RunKeys:
         """Notes of the run's parked aggregate jobs, ``server:job`` each (see packmule.leftovers)."""
         return self._key("p", chunk)
 
+    def aggregate_part(self, number: int, part: int) -> str:
+        """Part ``part`` of a long dependency list of aggregate ``number``."""
+        return self._key("ap", number, part)
+
     def sentinel(self, index: int) -> str:
         """The run's sentinel on memcached server ``index``: gone means that server lost state."""
         return self._key("s", index)
@@ -135,6 +149,7 @@ class Store:
             for a in addresses
         ]
         self.round_trips = 0  # counted for tests and benchmarks of O(1) reads
+        self._item_size: dict[int, int] = {}  # each server's item_size_max, asked once
 
     def server_of(self, key: str) -> int:
         """Pool index holding ``key`` (rendezvous hashing: stable as the pool grows)."""
@@ -151,6 +166,12 @@ class Store:
         reconnected and the command sent once more: every command packmule
         sends tolerates being applied twice (add and cas then say "not
         stored", a counter runs ahead, which the protocol allows).
+
+        Raises:
+            ServerRefused: memcached answered ``SERVER_ERROR`` (object too
+                large, out of memory under ``-M``) or ``CLIENT_ERROR``, or
+                pymemcache refused the key: the same command would fail again.
+            StoreUnavailable: the server is unreachable, silent, or out of step.
         """
         self.round_trips += 1
         for attempt in (1, 2):
@@ -160,34 +181,74 @@ class Store:
                 if attempt == 2:
                     raise StoreUnavailable(self.names[index],
                                            f"memcached {action} failed: {err!r}") from err
+            except (MemcacheServerError, MemcacheClientError) as err:
+                # pymemcache closed the socket: the next command reconnects.
+                words = _words(err)
+                raise ServerRefused(self.names[index], f"memcached refused {action}: {words}",
+                                    reply=words) from err
             except (MemcacheError, OSError) as err:
                 raise StoreUnavailable(self.names[index],
                                        f"memcached {action} failed: {err!r}") from err
         raise AssertionError("unreachable")
+
+    def value_limit(self, key: str) -> int:
+        """The largest value, in bytes, the server holding ``key`` stores under it.
+
+        Its item size (``-I``, 1 MB by default) less the key and the item's
+        overhead, so a value over it is refused before it is sent.
+        """
+        index = self.server_of(key)
+        if index not in self._item_size:
+            stats = self._call(index, "stats settings", lambda c: c.stats("settings"))
+            self._item_size[index] = int(stats[b"item_size_max"])
+        return self._item_size[index] - ITEM_OVERHEAD - len(key)
+
+    def _check_size(self, key: str, value: bytes) -> None:
+        """ServerRefused naming the size, the limit and the server, if ``value`` is too big.
+
+        Values of a few hundred bytes (nearly all) skip the check and its one
+        ``stats settings`` per server; memcached's own refusal still covers a
+        server run with a tiny ``-I``.
+        """
+        if len(value) <= 1000:
+            return
+        limit = self.value_limit(key)
+        if len(value) > limit:
+            raise ServerRefused(
+                self.names[self.server_of(key)],
+                f"memcached cannot store {len(value)} bytes under {key}: its item size "
+                f"(-I) leaves at most {limit} bytes for a value there",
+                reply="object too large for cache")
 
     def _keyed(self, key: str, action: str, command: Callable[[Client], T]) -> T:
         return self._call(self.server_of(key), action, command)
 
     def add(self, key: str, value: bytes) -> bool:
         """Store ``value`` only if ``key`` is absent; True if this call stored it."""
+        self._check_size(key, value)
         return bool(self._keyed(key, "add", lambda c: c.add(key, value, expire=self.ttl,
                                                              noreply=False)))
 
     def set(self, key: str, value: bytes, *, index: int | None = None) -> None:
         """Store ``value`` (on server ``index`` if given, else where ``key`` hashes)."""
         where = self.server_of(key) if index is None else index
+        self._check_size(key, value)
         if not self._call(where, "set", lambda c: c.set(key, value, expire=self.ttl,
                                                          noreply=False)):
-            raise StoreUnavailable(self.names[where], f"memcached did not store {key}")
+            raise ServerRefused(self.names[where], f"memcached did not store {key}",
+                                reply="NOT_STORED")
 
     def set_many(self, values: dict[str, bytes]) -> None:
         """Store several keys, one pipelined round trip per server."""
+        for key, value in values.items():
+            self._check_size(key, value)
         for index, keys in self._by_server(values).items():
             group = {k: values[k] for k in keys}
             failed = self._call(index, "set", lambda c, g=group: c.set_many(  # type: ignore[misc]
                 g, expire=self.ttl, noreply=False))
             if failed:
-                raise StoreUnavailable(self.names[index], f"memcached did not store {failed[:3]}")
+                raise ServerRefused(self.names[index], f"memcached did not store {failed[:3]}",
+                                    reply="NOT_STORED")
 
     def get(self, key: str) -> bytes | None:
         """The value of ``key``, or None if absent (never stored, expired or lost)."""
@@ -201,6 +262,7 @@ class Store:
 
     def cas(self, key: str, value: bytes, token: bytes) -> bool:
         """Replace ``key`` if unchanged since ``gets`` gave ``token``; else False."""
+        self._check_size(key, value)
         return bool(self._keyed(key, "cas", lambda c: c.cas(key, value, token, expire=self.ttl,
                                                              noreply=False)))
 
@@ -225,7 +287,8 @@ class Store:
         reply = self._call(index, "incr", lambda c: c.raw_command(command))
         if reply == b"NOT_FOUND":
             return None
-        if not reply.isdigit():  # an error line of a quiet write: the stream is out of step
+        if not reply.isdigit():  # not a reply to incr: the stream is out of step
+            # (an error line of a quiet write raised ServerRefused in _call already)
             self._clients[index].close()
             raise StoreUnavailable(self.names[index], f"memcached incr of {key}: {reply!r}")
         return int(reply)
@@ -303,3 +366,9 @@ class Store:
         """Close every connection."""
         for client in self._clients:
             client.close()
+
+
+def _words(err: MemcacheError) -> str:
+    """What memcached said (pymemcache keeps the reply's bytes after ``SERVER_ERROR``)."""
+    said = err.args[0] if err.args else err
+    return said.decode(errors="replace") if isinstance(said, bytes) else str(said)

@@ -9,7 +9,8 @@ job made its batch look complete before another job recorded its value,
 the caller polls for that value with a short doubling pause (a fault path).
 
 A server restarting is down for a moment: both phases ride it out for
-``server_grace_seconds``, then raise the error naming the server.
+``server_grace_seconds``, then raise the error naming the server. A server
+that refuses a request is not down: its refusal is raised at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 from packmule import aggregate, runs
 from packmule.aggregate import RunScope
-from packmule.errors import ResultMissing, RunCancelled, RunFailed, ServerError
+from packmule.errors import ResultMissing, RunCancelled, RunFailed, ServerUnavailable
 from packmule.outcome import Outcome
 from packmule.retry import doubling
 
@@ -74,12 +75,17 @@ def error_for(scope: RunScope, outcome: Outcome) -> RunFailed | ResultMissing:
     """The exception a caller raises for a failed outcome."""
     if outcome.lost:
         return ResultMissing(outcome.traceback, [scope.ref(n) for n in outcome.lost_jobs])
-    return RunFailed(scope.ref(outcome.job), outcome.traceback)
+    return RunFailed(scope.ref(outcome.job), outcome.traceback, method=outcome.method,
+                     run=scope.run)
 
 
 def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
           wake: threading.Event | None) -> T:
-    """Call ``check`` until it returns a value, pausing (or until ``wake``) between calls."""
+    """Call ``check`` until it returns a value, pausing (or until ``wake``) between calls.
+
+    An outage is ridden out for ``server_grace_seconds``; a server's refusal
+    (:class:`ServerRefused`) is raised at once: asking again cannot help.
+    """
     down_since: float | None = None
     grace = scope.backends.settings.server_grace_seconds
     for step in itertools.count():
@@ -89,7 +95,7 @@ def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
             if result is not None:
                 return result
             down_since = None
-        except ServerError:
+        except ServerUnavailable:
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > grace:
                 raise

@@ -4,6 +4,12 @@ Signal handlers only set flags: the first SIGTERM/SIGINT lets the current
 job finish, the second exits at once (beanstalkd hands that job out again
 after its time-to-run). A job that cannot be decoded, or names a module
 outside ``--import``, is buried with the reason logged and never executed.
+
+No job can stop a worker: whatever a job raises (SystemExit and
+KeyboardInterrupt included: the worker's own signals never raise), and
+whatever fails while handling it (a value no server or JSON takes, an
+error path that raises), the job is failed, buried and logged. Only an
+outage (a server unreachable or silent) leaves a job to be handed out again.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import os
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -28,7 +33,14 @@ from packmule import execution, runs
 from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import Envelope, decode
-from packmule.errors import JobCancelled, PackmuleError, ServerError
+from packmule.errors import (
+    EncodeError,
+    JobCancelled,
+    PackmuleError,
+    ServerError,
+    ServerRefused,
+    ServerUnavailable,
+)
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.retry import backoff_seconds
 
@@ -211,7 +223,11 @@ class Worker:
             self._clients[index].delete(job_id)
 
     def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> bool:
-        """Handle one job; True if it finished and is left for the loop to delete."""
+        """Handle one job; True if it finished and is left for the loop to delete.
+
+        Only an outage leaves by an exception: the loop then reconnects and
+        the job is handed out again.
+        """
         try:
             envelope = decode(job.body)
         except Exception as err:  # a foreign or corrupt job: bury it, go on
@@ -221,29 +237,25 @@ class Worker:
             return False
         try:
             runner = execution.prepare(envelope, self.allowed)
-        except ServerError:
+        except ServerUnavailable:
             raise
-        except Exception as err:  # a runner this worker cannot run: another may
+        except BaseException as err:  # a runner this worker cannot run: another may
             self._unrunnable(client, job, envelope, err)
             return False
         try:
             return self._execute(client, job, runner, envelope)
-        except ServerError:
+        except ServerUnavailable:
             raise
         except JobCancelled:  # the keep-alive's interruption can land just after the job ran
             client.delete(job)
-        except Exception:  # e.g. a bad option value, a returned JobRef of another context
+        except BaseException as err:  # e.g. a value no server takes, an error path that raised
             # One job's trouble must not stop the worker (every worker would meet
             # the job in turn): fail it, so a waiting caller hears of it, and bury it.
-            text = traceback.format_exc()
-            log.error("job %s %s(): handling it failed, burying:\n%s", envelope.job,
-                      envelope.method, text)
-            execution.fail(runner, envelope, text)
-            client.bury(job)
+            self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
         return False
 
     def _unrunnable(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                    envelope: Envelope, err: Exception) -> None:
+                    envelope: Envelope, err: BaseException) -> None:
         """A job whose runner this worker cannot load: hand it back a few times, then fail it.
 
         Workers with other ``--import`` lists may share the tube (a rolling
@@ -279,9 +291,9 @@ class Worker:
         except JobCancelled:
             client.delete(job)
             return False
-        except ServerError:
+        except ServerUnavailable:
             raise
-        except Exception as err:
+        except BaseException as err:  # anything the job raised is the job's failure
             self._on_job_error(client, job, runner, envelope, err)
             return False
         if isinstance(result, execution.Verdict):
@@ -291,23 +303,50 @@ class Worker:
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)
             return False
-        execution.record(runner, envelope, result)
+        try:
+            execution.record(runner, envelope, result)
+        except (EncodeError, ServerRefused) as err:  # the same value again would fail again
+            self._bury_failed(client, job, runner, envelope, "its return value cannot be "
+                              f"recorded: {type(err).__name__}: {err}")
+            return False
         return True
 
     def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                      runner: Any, envelope: Any, err: Exception) -> None:
+                      runner: Any, envelope: Any, err: BaseException) -> None:
+        """Retry the job later; else let ``handle_error`` supply its value; else bury it.
+
+        A server's refusal is not retried: the same request would be refused again.
+        """
         attempts = int(client.stats_job(job)["reserves"])
         limit = self.settings.max_retries if runner.max_retries is None else runner.max_retries
-        if attempts <= limit:
+        if attempts <= limit and not isinstance(err, ServerRefused):
             pause = backoff_seconds(attempts, base=self.settings.retry_base_seconds,
                                     cap=self.settings.retry_max_seconds)
-            log.warning("job %s %s() raised %r; retry %d/%d in %.1f s", envelope.job,
-                        envelope.method, err, attempts, limit, pause)
+            log.warning("job %s %s() of run %s raised %r; retry %d/%d in %.1f s", envelope.job,
+                        envelope.method, envelope.run, err, attempts, limit, pause)
             client.release(job, delay=math.ceil(pause))
             return
         if execution.handle(runner, envelope, err):
             client.delete(job)
             return
-        log.error("job %s %s() failed for good, burying:\n%s", envelope.job, envelope.method,
-                  "".join(traceback.format_exception(err)))
+        self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
+
+    def _bury_failed(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
+                     runner: Any, envelope: Any, text: str) -> None:
+        """Record the job as failed with ``text`` (its traceback), log it at ERROR, bury it.
+
+        Buried, not deleted: once the cause is fixed, a kick runs it again and
+        its run resumes. If even the failure cannot be recorded (memcached
+        full), the job is buried all the same; an outage leaves it to be
+        handed out again.
+        """
+        log.error("job %s %s() of run %s failed for good, burying:\n%s", envelope.job,
+                  envelope.method, envelope.run, text)
+        try:
+            execution.fail(runner, envelope, text)
+        except ServerUnavailable:
+            raise
+        except BaseException as second:
+            log.error("job %s %s(): recording its failure failed too: %s: %s", envelope.job,
+                      envelope.method, type(second).__name__, second)
         client.bury(job)
