@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from packmule import leftovers, runs
 from packmule.backends import backends
 from packmule.config import configure, settings
 
@@ -78,14 +79,44 @@ def servers(beanstalkd: int, memcached: int) -> None:
 
 
 @main.command()
+@click.option("--run", "run_id", default=None, metavar="ID",
+              help="Kick only this run's buried jobs (noted as they were buried).")
 @click.option("--tube", default=None, help="Tube (default: the configured one).")
-@click.option("--limit", default=1000, show_default=True, help="At most this many jobs.")
-def kick(tube: str | None, limit: int) -> None:
+@click.option("--limit", default=1000, show_default=True, help="At most this many jobs per server.")
+def kick(run_id: str | None, tube: str | None, limit: int) -> None:
     """Kick buried jobs back to ready, one by one (never the delayed aggregates)."""
+    if run_id is not None:
+        _known_run(run_id)
+        kicked = leftovers.kick_buried(backends(), run_id)
+        click.echo(f"run {run_id}: kicked {len(kicked)} buried job(s)")
+        return
     queue = backends().queue
     for index, name in enumerate(queue.names):
-        kicked = queue.kick_buried(index, tube or settings().tube, limit)
-        click.echo(f"{name}: kicked {len(kicked)} buried job(s)")
+        kicked_ids = queue.kick_buried(index, tube or settings().tube, limit)
+        click.echo(f"{name}: kicked {len(kicked_ids)} buried job(s)")
+
+
+@main.command()
+@click.option("--run", "run_id", required=True, metavar="ID", help="The ended run to clean up.")
+def purge(run_id: str) -> None:
+    """Remove what an ended run left in beanstalkd: its parked aggregates and buried jobs.
+
+    A failed run keeps them so a kick can resume it; purge it once you
+    give up on it. Its memcached keys expire on their own (state_ttl_seconds).
+    """
+    record = _known_run(run_id)
+    if record.state == "running":
+        raise click.ClickException(f"run {run_id} is still running: cancel it first")
+    parked, buried = leftovers.remove_all(backends(), run_id)
+    click.echo(f"run {run_id} ({record.state}): removed {parked} parked and {buried} buried job(s)")
+
+
+def _known_run(run_id: str) -> runs.RunRecord:
+    """The record of run ``run_id``; a clear error if none is known."""
+    record = runs.read_run(backends(), run_id)
+    if record is None:
+        raise click.ClickException(f"unknown run {run_id!r} (never started, or its record expired)")
+    return record
 
 
 @main.command()

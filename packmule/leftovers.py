@@ -1,25 +1,55 @@
-"""What a run leaves in beanstalkd: its parked aggregate jobs, listed so they can be removed.
+"""What a run leaves in beanstalkd: parked aggregates and buried jobs, listed per run.
 
-A worker-side aggregate waits as a job delayed for 2**31 seconds until it
-fires. A run that ends without firing it (cancelled, lost) would leave it
-there for decades: beanstalkd cannot list one run's jobs, so each parked
-job is noted in memcached (``p:<chunk>``, by aggregate number) as it is
-parked, and removed when the run is cancelled or lost. A failed run keeps
-them on purpose: kicking its buried job after a fix fires them.
+beanstalkd cannot list one run's jobs, so packmule notes them in memcached
+as they are made:
+
+- a worker-side aggregate waits as a job delayed for 2**31 seconds until it
+  fires (``p:<chunk>``, by aggregate number). A run that ends without firing
+  it (cancelled, lost) would leave it there for decades: it is removed when
+  the run is cancelled or lost;
+- a job that failed for good is buried (``x``: one JSON line each, with its
+  job number, method and when). A failed run keeps both on purpose: kicking
+  its buried jobs after a fix resumes it (``packmule kick --run``);
+  ``packmule purge --run`` removes what an ended run left.
+
+Notes are best effort (written without waiting): a note lost with
+memcached's state only means a job an operator must remove by tube.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from packmule.backends import Backends
+from packmule.envelope import dumps, loads
 from packmule.store import RunKeys
 
 CHUNK = 10_000  # aggregates per note key: ~12 bytes each, far below memcached's 1 MB
+
+
+@dataclass(frozen=True)
+class Buried:
+    """A job of a run that failed for good and waits in beanstalkd's buried state."""
+
+    server: int  # pool index of its beanstalkd server
+    job_id: int  # beanstalkd's id there
+    job: int  # packmule's job number in the run
+    method: str
+    at: float  # when it was buried (epoch seconds)
 
 
 def note_parked(backends: Backends, run: str, number: int, parked: tuple[int, int]) -> None:
     """Note that aggregate ``number`` is parked as job ``parked = (server index, job id)``."""
     key = RunKeys(backends.settings.namespace, run).parked(number // CHUNK)
     backends.store.append_creating(key, b"%d:%d " % parked)
+
+
+def note_buried(backends: Backends, run: str, where: tuple[int, int], job: int,
+                method: str) -> None:
+    """Note that job ``job`` of ``run`` is buried at ``where = (server index, job id)``."""
+    line = dumps({"srv": where[0], "bid": where[1], "job": job, "m": method, "at": time.time()})
+    backends.store.append_creating(RunKeys(backends.settings.namespace, run).buried, line + b"\n")
 
 
 def parked_jobs(backends: Backends, run: str) -> set[tuple[int, int]]:
@@ -32,7 +62,31 @@ def parked_jobs(backends: Backends, run: str) -> set[tuple[int, int]]:
             for server, job in (note.split(b":") for note in notes.split())}
 
 
+def buried_jobs(backends: Backends, run: str) -> list[Buried]:
+    """The jobs of ``run`` noted as buried, oldest first, one per job (some may be kicked since)."""
+    raw = backends.store.get(RunKeys(backends.settings.namespace, run).buried) or b""
+    latest: dict[int, Buried] = {}
+    for line in raw.splitlines():
+        note = loads(line)
+        latest[note["job"]] = Buried(note["srv"], note["bid"], note["job"], note["m"], note["at"])
+    return sorted(latest.values(), key=lambda buried: buried.at)
+
+
+def kick_buried(backends: Backends, run: str) -> list[Buried]:
+    """Kick ``run``'s buried jobs back to ready; those that were still buried."""
+    queue = backends.queue
+    return [buried for buried in buried_jobs(backends, run)
+            if queue.kick_job(buried.server, buried.job_id)]
+
+
 def remove_parked(backends: Backends, run: str) -> int:
     """Delete ``run``'s parked jobs from beanstalkd; how many were still there."""
     queue = backends.queue
     return sum(queue.delete(server, job) for server, job in sorted(parked_jobs(backends, run)))
+
+
+def remove_all(backends: Backends, run: str) -> tuple[int, int]:
+    """Delete ``run``'s parked and buried jobs: ``(parked removed, buried removed)``."""
+    queue = backends.queue
+    buried = sum(queue.delete(b.server, b.job_id) for b in buried_jobs(backends, run))
+    return remove_parked(backends, run), buried

@@ -106,6 +106,11 @@ class RunKeys:
         """An aggregate's description: method, dependencies, where its job is parked."""
         return self._key("a", number)
 
+    @property
+    def buried(self) -> str:
+        """Notes of the run's buried jobs, a JSON line each (see packmule.leftovers)."""
+        return self._key("x")
+
     def parked(self, chunk: int) -> str:
         """Notes of the run's parked aggregate jobs, ``server:job`` each (see packmule.leftovers)."""
         return self._key("p", chunk)

@@ -29,7 +29,7 @@ from typing import Any
 
 import greenstalk
 
-from packmule import execution, runs
+from packmule import execution, leftovers, runs
 from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import Envelope, decode
@@ -131,6 +131,7 @@ class Worker:
         # (server index, job id) of the last finished job: its delete is sent
         # with the next reserve on that server (one write, one round trip).
         self._finished: tuple[int, int] | None = None
+        self._index = 0  # pool index of the server the job in hand came from
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -173,6 +174,7 @@ class Worker:
         if reserved is None:
             return False
         index, job = reserved
+        self._index = index
         with naming(self._names[index], "job handling"):
             if self._handle(self._clients[index], job):
                 self._finished = (index, job.id)
@@ -276,6 +278,8 @@ class Worker:
         log.error("burying job %s %s() of %s%s: %s", envelope.job, envelope.method,
                   envelope.runner, "" if recorded else " (no such run)", reason)
         client.bury(job)
+        if recorded:
+            self._note_buried(job, envelope)
 
     def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                  runner: Any, envelope: Any) -> bool:
@@ -350,3 +354,12 @@ class Worker:
             log.error("job %s %s(): recording its failure failed too: %s: %s", envelope.job,
                       envelope.method, type(second).__name__, second)
         client.bury(job)
+        self._note_buried(job, envelope)
+
+    def _note_buried(self, job: greenstalk.Job[bytes], envelope: Envelope) -> None:
+        """Note the buried job under its run, for ``kick --run`` and ``purge`` (best effort)."""
+        try:
+            leftovers.note_buried(backends(), envelope.run, (self._index, job.id), envelope.job,
+                                  envelope.method)
+        except ServerRefused as err:  # e.g. the run's notes outgrew memcached's item size
+            log.warning("job %s: not noted as buried: %s", envelope.job, err)

@@ -108,9 +108,8 @@ def test_a_runner_defined_in_a_script_is_refused_at_enqueue(env: dict[str, str])
 
 
 def _kick(env: dict[str, str]) -> str:
-    kicked = subprocess.run([sys.executable, "-m", "packmule", "kick", "--tube",
-                             env["PACKMULE_TUBE"]], env={**os.environ, **env}, cwd=ROOT,
-                            capture_output=True, text=True, timeout=30, check=True)
+    kicked = _cli(env, "kick", "--tube", env["PACKMULE_TUBE"])
+    assert kicked.returncode == 0, kicked.stderr
     return kicked.stdout
 
 
@@ -163,3 +162,39 @@ def test_cancel_removes_the_runs_parked_aggregates(env: dict[str, str],
                                for state in ("ready", "reserved", "delayed", "buried")),
                timeout=20, what="the cancelled run to leave nothing in beanstalkd")
     assert Slow("parked").update_progress().state == "cancelled"
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "packmule", *args], env={**os.environ, **env},
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_kick_and_purge_act_on_one_runs_leftovers(env: dict[str, str], workers: Workers,
+                                                  tmp_path: Path) -> None:
+    fix = tmp_path / "fixed"
+    env["PACKMULE_TEST_FIX_FILE"] = str(fix)
+    workers.start("fault_runners", 2)
+    kept, dropped = Flaky("kept").run_async(5, 2).run, Flaky("dropped").run_async(5, 2).run
+    for name in ("kept", "dropped"):
+        wait_until(lambda n=name: Flaky(n).update_progress().state == "failed", timeout=20,
+                   what=f"run {name} to fail")
+
+    def tube() -> dict[str, int]:
+        stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
+        return {state: stats.get(f"current-jobs-{state}", 0)
+                for state in ("ready", "reserved", "delayed", "buried")}
+
+    # Each failed run keeps its buried job and its parked aggregate, for a kick.
+    assert tube() == {"ready": 0, "reserved": 0, "delayed": 2, "buried": 2}
+    fix.touch()
+    assert f"run {kept}: kicked 1 buried job(s)" in _cli(env, "kick", "--run", kept).stdout
+    wait_until(lambda: Flaky("kept").update_progress().state == "done", timeout=30,
+               what="the kicked run to finish")
+    assert Flaky("kept").get_return_value() == sum(range(5))
+    assert Flaky.find("dropped") is not None and Flaky("dropped").update_progress().failed == 1
+
+    purged = _cli(env, "purge", "--run", dropped)
+    assert f"run {dropped} (failed): removed 1 parked and 1 buried job(s)" in purged.stdout
+    assert tube() == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 0}
+    unknown = _cli(env, "purge", "--run", "nosuchrun")
+    assert unknown.returncode != 0 and "unknown run 'nosuchrun'" in unknown.stderr
