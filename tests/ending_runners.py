@@ -107,3 +107,28 @@ class FlakyPlusOne(Runner):
 
     def total(self, values: list[int]) -> int:
         return sum(values)
+
+
+class ReturnsASet(Runner):
+    """run() returns a value JSON cannot carry."""
+
+    def run(self) -> Any:
+        return {1, 2, 3}
+
+
+class KeepsFailures(Runner):
+    """An allow_failures aggregate in the caller; run() returns the values, markers included."""
+
+    max_retries = 0
+
+    def run(self, count: int = 4, broken: int = 1) -> Any:
+        jobs = self.enqueue_each("maybe", range(count), broken)
+        return self.deferred_result("values", jobs, allow_failures=True)
+
+    def maybe(self, number: int, broken: int) -> int:
+        if number == broken:
+            raise ValueError(f"job {number} is broken")
+        return number
+
+    def values(self, values: list[Any]) -> list[Any]:
+        return values

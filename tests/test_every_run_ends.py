@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Workers, wait_until
-from ending_runners import Chain, ChainStraggler, Diverging, FlakyPlusOne
+from ending_runners import (
+    Chain,
+    ChainStraggler,
+    Diverging,
+    FlakyPlusOne,
+    KeepsFailures,
+    ReturnsASet,
+)
 from fault_runners import Flaky
 from runners import Slow
 
@@ -198,3 +205,21 @@ def test_kick_and_purge_act_on_one_runs_leftovers(env: dict[str, str], workers: 
     assert tube() == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 0}
     unknown = _cli(env, "purge", "--run", "nosuchrun")
     assert unknown.returncode != 0 and "unknown run 'nosuchrun'" in unknown.stderr
+
+
+def test_a_run_value_json_cannot_carry_is_refused_not_recorded_as_text(
+        env: dict[str, str]) -> None:
+    with pytest.raises(packmule.EncodeError, match=r"ReturnsASet\.run\(\) returned .* set"):
+        ReturnsASet("set").run()
+    with pytest.raises(packmule.RunFailed, match="set is not JSON serializable"):
+        ReturnsASet("set").get_return_value()
+    assert ReturnsASet("set").update_progress().state == "failed"
+
+
+def test_packmules_markers_in_a_run_value_read_back_as_markers(env: dict[str, str],
+                                                               workers: Workers) -> None:
+    workers.start("ending_runners", 2)
+    values = KeepsFailures("markers").run()
+    assert values[0] == 0 and values[2:] == [2, 3]
+    assert isinstance(values[1], packmule.Failure) and "job 1 is broken" in values[1].traceback
+    assert KeepsFailures("markers").get_return_value() == values  # as another process reads it
