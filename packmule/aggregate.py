@@ -375,7 +375,7 @@ def register_aggregate(
         server, job_id = park(number, own_batch) if park else (-1, 0)
     record = {"deps": as_ranges(ref.number for ref in deps), "batches": list(sizes),
               "af": allow_failures, "halt": halt, "srv": server, "bid": job_id, "own": own_batch}
-    _store_description(scope, number, record)
+    store_description(scope, number, record)
     for batch, size in sizes.items():
         add_waiter(scope, batch, size, ["a", number])
     try_fire(scope, number)
@@ -387,7 +387,7 @@ def register_aggregate(
 DEPS_PER_PART = 20_000
 
 
-def _store_description(scope: RunScope, number: int, record: dict[str, Any]) -> None:
+def store_description(scope: RunScope, number: int, record: dict[str, Any]) -> None:
     """Store an aggregate's description; a long dependency list goes in parts.
 
     An aggregate over ~50k scattered jobs (every other job, interleaved

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dis
 from collections.abc import Collection
 from types import CodeType
+from typing import Any
 
 from packmule import aggregate
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
-from packmule.envelope import dumps
 from packmule.jobref import JobRef
 
 
@@ -54,7 +54,7 @@ def _returning_call(code: CodeType, offset: int) -> bool:
             and instructions[index + 1].opname == "RETURN_VALUE")
 
 
-def park_caller_aggregate(scope: RunScope, number: int, record: dict[str, object],
+def park_caller_aggregate(scope: RunScope, number: int, record: dict[str, Any],
                           parked: tuple[int, int]) -> None:
     """Give a caller's aggregate to the workers: its job, parked at ``parked``, fires with it.
 
@@ -63,7 +63,7 @@ def park_caller_aggregate(scope: RunScope, number: int, record: dict[str, object
     before the job was parked, its firing found nothing to kick.
     """
     record.update(srv=parked[0], bid=parked[1])
-    scope.backends.store.set(scope.keys.aggregate(number), dumps(record))
+    aggregate.store_description(scope, number, record)
     aggregate.try_fire(scope, number)
 
 
