@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -102,6 +103,21 @@ def workers(env: dict[str, str]) -> Iterator[Workers]:
     pool = Workers(env)
     yield pool
     pool.stop()
+
+
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    """Run ``call`` in a daemon thread; the dict gets its ``value`` or its ``error``."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # handed to the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 def wait_until(condition: Callable[[], object], *, timeout: float = 30.0,

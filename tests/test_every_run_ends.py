@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import ROOT, Workers, wait_until
+from conftest import ROOT, Workers, in_thread, wait_until
 from ending_runners import (
     Chain,
     ChainStraggler,
@@ -30,20 +28,6 @@ import packmule
 from packmule.backends import backends
 from packmule.outcome import Outcome
 from packmule.store import RunKeys
-
-
-def _in_thread(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as err:  # handed to the test thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def test_a_chain_500_deep_completes_and_the_worker_survives(env: dict[str, str],
@@ -69,7 +53,7 @@ def test_a_chain_waits_for_a_source_counted_early_by_a_twin(env: dict[str, str],
                                                             tmp_path: Path) -> None:
     workers.start("ending_runners", 3)
     gate, note = tmp_path / "gate", tmp_path / "note"
-    thread, outcome = _in_thread(lambda: ChainStraggler("twin").run(str(gate), str(note)))
+    thread, outcome = in_thread(lambda: ChainStraggler("twin").run(str(gate), str(note)))
     wait_until(note.exists, what="the head job to return its chain")
     record = ChainStraggler.find("twin")
     assert record is not None

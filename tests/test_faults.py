@@ -14,15 +14,13 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import greenstalk
 import pytest
-from conftest import ROOT, Workers, wait_until
+from conftest import ROOT, Workers, in_thread, wait_until
 from crash_hook import CRASH_HOOK
 from fault_runners import Counted, Flaky, Handled, LongJob, Straggler, Tolerant, TolerantInWorker
 
@@ -64,19 +62,6 @@ def _drained(env: dict[str, str]) -> bool:
     return stats.get("current-jobs-ready", 0) == 0 and stats.get("current-jobs-reserved", 0) == 0
 
 
-def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``call`` in a thread; the dict gets ``value`` or ``error``."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as err:  # handed to the test thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def _finished(runner: packmule.Runner, *, timeout: float) -> packmule.Progress:
@@ -218,7 +203,7 @@ def test_memcached_restart_mid_run_raises_result_missing_naming_jobs(
         env: dict[str, str], workers: Workers, servers: LocalServers) -> None:
     workers.start("fault_runners", 2)
     runner = Counted("forgotten")
-    thread, outcome = _in_thread(lambda: runner.run(200, 0.02))
+    thread, outcome = in_thread(lambda: runner.run(200, 0.02))
     wait_until(lambda: Counted("forgotten").update_progress().completed >= 10, timeout=30,
                what="10 jobs")
     servers.restart_memcached()
@@ -296,7 +281,7 @@ def test_an_aggregate_fired_before_a_value_is_recorded_waits_for_it(
     workers.start("fault_runners", 3)
     runner = Straggler(f"straggler-{context}")
     if context == "caller":
-        thread, outcome = _in_thread(lambda: runner.run(str(gate)))
+        thread, outcome = in_thread(lambda: runner.run(str(gate)))
     else:
         runner.run_async(str(gate))
     run = wait_until(lambda: Straggler.find(runner.name), timeout=10, what="the run to start")
@@ -324,7 +309,7 @@ def test_a_raising_job_is_retried_then_buried_and_the_caller_gets_run_failed(
     fired, executed = counts
     workers.start("fault_runners", 2)
     runner = Flaky("failing", max_retries=2)
-    thread, outcome = _in_thread(lambda: runner.run(5, 2))
+    thread, outcome = in_thread(lambda: runner.run(5, 2))
     thread.join(timeout=30)  # retries back off ~0 s then ~1-2 s: the failure is prompt
     assert not thread.is_alive(), "run() still blocks 30 s after the job failed for good"
     error = outcome.get("error")

@@ -16,13 +16,11 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import ROOT, Workers, wait_until
+from conftest import ROOT, Workers, in_thread, wait_until
 from edge_runners import Edgy, Scattered
 from runners import Driven
 
@@ -57,18 +55,6 @@ def _logged_worker(workers: Workers, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as err:  # handed to the test thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def _kick(env: dict[str, str]) -> None:
@@ -173,7 +159,7 @@ def test_a_value_over_the_item_size_fails_the_blocking_run_at_once(
     log = tmp_path / "worker.log"
     worker = _logged_worker(workers, log)
     runner = Edgy("too-big")
-    thread, outcome = _in_thread(lambda: runner.run("big", 2 * MB))
+    thread, outcome = in_thread(lambda: runner.run("big", 2 * MB))
     thread.join(timeout=30)
     assert not thread.is_alive(), "run() still waits 30 s after a value memcached refuses"
     error = outcome.get("error")
