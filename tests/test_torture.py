@@ -187,7 +187,7 @@ def make_plans(rng: random.Random, folder: Path, tube: str) -> list[Plan]:
         spec = make_spec(rng, shape, folder=folder, kick_tube=kick_tube, depth=depth)
         mode = "run" if blocking else "async"
         plans.append(Plan(f"{index}-{shape}-{mode}{'-kick' if kicked else ''}", spec, blocking,
-                          model(spec)))
+                          model(spec), phase="failing" if kicked else "running"))
     return plans
 
 
@@ -251,6 +251,16 @@ def _kick(plan: Plan, env: dict[str, str]) -> None:
                             env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True,
                             timeout=30, check=False)
     plan.notes.append(f"kick: {kicked.stdout.strip()} {kicked.stderr.strip()[-300:]}")
+
+
+def _watch(plans: list[Plan], env: dict[str, str]) -> None:
+    """Advance every run until all ended or the deadline passed."""
+    started = time.monotonic()
+    while time.monotonic() < started + DEADLINE_SECONDS and not all(p.ended for p in plans):
+        for plan in plans:
+            if not plan.ended:
+                _poll(plan, env, started)
+        time.sleep(0.1)  # a polling pace (the loop ends on the conditions), not a wait
 
 
 def _poll(plan: Plan, env: dict[str, str], started: float) -> None:
@@ -362,17 +372,10 @@ def test_torture_mixed_runs_under_kills_end_with_the_models_values(
     extra = [arg for plan in plans if plan.kick for arg in ("--tube", plan.spec["tube"])]
     chaos = Chaos(workers, random.Random(rng.randrange(1 << 30)), extra)
     for plan in plans:
-        plan.phase = "failing" if plan.kick else "running"
         _start(plan)
     chaos.thread.start()
-    started = time.monotonic()
-    deadline = started + DEADLINE_SECONDS
     try:
-        while time.monotonic() < deadline and not all(plan.ended for plan in plans):
-            for plan in plans:
-                if not plan.ended:
-                    _poll(plan, env, started)
-            time.sleep(0.05)
+        _watch(plans, env)
     finally:
         chaos.stop.set()
         chaos.thread.join(timeout=20)
