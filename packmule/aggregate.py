@@ -191,7 +191,12 @@ def from_ranges(ranges: list[list[int]]) -> list[int]:
 
 
 def add_waiter(scope: RunScope, batch: str, size: int, waiter: Waiter) -> None:
-    """Record ``waiter`` on ``batch`` (closing it at ``size``), with add or cas."""
+    """Record ``waiter`` on ``batch`` (closing it at ``size``), with add or cas.
+
+    A waiter already there (a redelivered job registering its chain or
+    aggregate again) is not added twice: every copy would be woken, and
+    down a chain the copies multiply.
+    """
     store, key = scope.backends.store, scope.keys.batch(batch)
     while True:
         if store.add(key, dumps({"k": size, "w": [waiter]})):
@@ -200,6 +205,8 @@ def add_waiter(scope: RunScope, batch: str, size: int, waiter: Waiter) -> None:
         if data is None or token is None:
             continue
         record = loads(data)
+        if waiter in record["w"]:
+            return
         record["w"].append(waiter)
         if store.cas(key, dumps(record), token):
             return
@@ -237,9 +244,14 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome
     recursion, so a chain of any depth costs no stack.
     """
     pending: list[Completion] = [(job, batch, outcome)]
+    done: set[int] = set()  # a job woken twice here (a waiter's copies) completes once
     recorded: Outcome | None = None
     while pending:
-        effective = _complete_one(scope, *pending.pop(), pending)
+        completion = pending.pop()
+        if completion[0] in done:
+            continue
+        done.add(completion[0])
+        effective = _complete_one(scope, *completion, pending)
         recorded = recorded or effective
     assert recorded is not None
     return recorded

@@ -30,13 +30,12 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 class Verdict:
     """An aggregate job that cannot finish now: park it again until the next kick.
 
-    ``recheck``: it was kicked before a dependency recorded its value; that
-    dependency's own kick may have come while this job was reserved (and so
-    found nothing to kick), so after parking, look again (:func:`recorded`).
+    A dependency's kick that came while this job was reserved found nothing
+    to kick (a straggler recording its value, a buried job kicked after a
+    fix succeeding), so after parking, the worker looks again (:func:`ready`).
     """
 
     reason: str
-    recheck: bool = False
 
 
 def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
@@ -108,7 +107,7 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
         return Outcome.missing([ref.number for ref in err.jobs], str(err))
     verdict = aggregate.settle(scope, record, gathered)
     if verdict == aggregate.WAIT:
-        return Verdict("kicked before its dependencies recorded their values", recheck=True)
+        return Verdict("kicked before its dependencies recorded their values")
     if isinstance(verdict, Outcome) and verdict.lost:
         return verdict  # recorded as the job's outcome: a loss is final
     if isinstance(verdict, Outcome):
@@ -118,14 +117,20 @@ def execute(runner: Runner, envelope: Envelope) -> Verdict | Any:
     return getattr(runner, envelope.method)(gathered.values, *envelope.args)
 
 
-def recorded(runner: Runner, envelope: Envelope) -> bool:
-    """Whether a parked aggregate's dependencies have all recorded their outcomes now."""
+def ready(runner: Runner, envelope: Envelope) -> bool:
+    """Whether a parked aggregate would settle now: every value recorded, none failed.
+
+    With ``allow_failures`` a failure counts as recorded.
+    """
     scope = _scope(runner)
     record = aggregate.aggregate_record(scope, envelope.job)
+    if record is None:
+        return True  # kicked, its execution records the loss
     try:
-        return record is not None and not aggregate.gather(scope, record).missing
-    except ResultMissing:  # kicked, its execution records the loss
+        gathered = aggregate.gather(scope, record)
+    except ResultMissing:
         return True
+    return not gathered.missing and (gathered.failure is None or record["af"])
 
 
 def record(runner: Runner, envelope: Envelope, result: Any) -> None:

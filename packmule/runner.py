@@ -525,7 +525,8 @@ def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
         try:
             result = function(self, *args, **kwargs)
             if isinstance(result, JobRef):
-                returned, result = result, self.wait(result)
+                returned = result
+                result = self.wait(returned)
             outcome = Outcome.done(result)
             outcome.encode(what=f"the value {type(self).__name__}.run() returned")
         except BaseException as err:

@@ -302,7 +302,7 @@ class Worker:
             return False
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
-            if result.recheck and execution.recorded(runner, envelope):
+            if execution.ready(runner, envelope):
                 # NOT_FOUND: the straggler's own kick came first; the job is ready already.
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)

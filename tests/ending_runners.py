@@ -132,3 +132,18 @@ class KeepsFailures(Runner):
 
     def values(self, values: list[Any]) -> list[Any]:
         return values
+
+
+class FlakyChain(Runner):
+    """A chain whose step ``broken`` raises until the fix file exists."""
+
+    max_retries = 0
+
+    def run(self, depth: int, broken: int) -> Any:
+        return self.enqueue("step", depth, broken)
+
+    def step(self, n: int, broken: int) -> Any:
+        fix = os.environ.get("PACKMULE_TEST_FIX_FILE", "")
+        if n == broken and not Path(fix).exists():
+            raise ValueError(f"step {n} is broken")
+        return self.enqueue("step", n - 1, broken) if n > 0 else "bottom"

@@ -17,6 +17,7 @@ from ending_runners import (
     Chain,
     ChainStraggler,
     Diverging,
+    FlakyChain,
     FlakyPlusOne,
     KeepsFailures,
     ReturnsASet,
@@ -115,11 +116,16 @@ def test_a_kick_resumes_a_failed_blocking_run(env: dict[str, str], workers: Work
         Flaky("blocking").run(5, 2)
     with pytest.raises(packmule.RunFailed, match="job 2 is broken"):
         FlakyPlusOne("plus-one").run(5, 2)
-    for runner in (Flaky("blocking"), FlakyPlusOne("plus-one")):
+    with pytest.raises(packmule.RunFailed, match="step 5 is broken"):
+        FlakyChain("chain").run(20, 5)  # run() returned a JobRef: the run's value is its value
+    for runner in (Flaky("blocking"), FlakyPlusOne("plus-one"), FlakyChain("chain")):
         assert runner.update_progress().state == "failed"
 
     fix.touch()
-    assert "kicked 2 buried job(s)" in _kick(env)
+    assert "kicked 3 buried job(s)" in _kick(env)
+    wait_until(lambda: FlakyChain("chain").update_progress().state == "done", timeout=30,
+               what="the kicked blocking chain to finish")
+    assert FlakyChain("chain").get_return_value() == "bottom"
     wait_until(lambda: Flaky("blocking").update_progress().state == "done", timeout=30,
                what="the kicked blocking run to finish")
     assert Flaky("blocking").get_return_value() == sum(range(5))
