@@ -24,6 +24,8 @@ it counts once).
 
 from __future__ import annotations
 
+import binascii
+import hashlib
 import hmac
 from collections.abc import Sequence
 
@@ -53,6 +55,33 @@ class SignatureError(DecodeError):
         self.key_id = key_id
 
 
+class _Key:
+    """HMAC-SHA256 with one secret, its two padded states hashed once (RFC 2104).
+
+    ``hmac.digest`` sets the key up again on every call, which is most of its
+    cost for a body of a few hundred bytes; copying the prepared states
+    halves the time per job. A test holds the MACs equal to ``hmac``'s.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) > _BLOCK:
+            secret = hashlib.sha256(secret).digest()
+        padded = secret.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
+        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
+
+    def mac(self, data: bytes) -> bytes:
+        """The HMAC of ``data``, in hex digits."""
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return binascii.hexlify(outer.digest())
+
+
+_BLOCK = 64  # SHA-256's block size
+
+
 def key_id(secret: bytes) -> bytes:
     """The public name of ``secret``: 8 hex digits of an HMAC made with it."""
     return hmac.digest(secret, b"packmule key id", "sha256").hex()[:_KEY_ID_HEX].encode()
@@ -71,17 +100,16 @@ class Signer:
         if not secrets:
             raise ConfigurationError("secret: a Signer needs at least one secret")
         keys = [secret.encode() for secret in secrets]
-        self._keys = {key_id(key): key for key in keys}
+        self._keys = {key_id(key): _Key(key) for key in keys}
         if len(self._keys) < len(keys):
             raise ConfigurationError("secret: two secrets share a key id; replace one")
-        self._key = keys[0]
+        self._key = self._keys[key_id(keys[0])]
         self.key_id = key_id(keys[0]).decode()
         self._head = VERSION + key_id(keys[0]) + b":"
 
     def sign(self, body: bytes) -> bytes:
         """``body`` (an envelope's JSON) in its signed form."""
-        mac = hmac.digest(self._key, body, "sha256").hex().encode()
-        return b"%b%b:%b" % (self._head, mac, body)
+        return b"%b%b:%b" % (self._head, self._key.mac(body), body)
 
     def verify(self, signed: bytes) -> bytes:
         """The envelope's JSON inside ``signed``, once its MAC is checked.
@@ -99,8 +127,7 @@ class Signer:
                                  f"signed with key {named.decode(errors='replace')!r}, "
                                  "not a secret this worker holds")
         body = signed[_BODY_AT:]
-        expected = hmac.digest(key, body, "sha256").hex().encode()
-        if not hmac.compare_digest(expected, signed[_MAC_AT:_BODY_AT - 1]):
+        if not hmac.compare_digest(key.mac(body), signed[_MAC_AT:_BODY_AT - 1]):
             raise SignatureError("invalid", named.decode(), "the MAC does not match the body "
                                  "(tampered with, or forged)")
         return body

@@ -219,3 +219,14 @@ def test_secrets_come_from_the_environment_or_a_file_and_the_first_signs(
     config.reset()
     with pytest.raises(ConfigurationError, match="secret_file: cannot read"):
         packmule.settings()
+
+
+@pytest.mark.parametrize("secret", [NEW, "k" * 64, "long-" * 40, "non-ascii-é-secret-☃"])
+def test_the_mac_is_hmac_sha256_of_the_exact_bytes(secret: str, tmp_path: Path) -> None:
+    import hmac
+
+    body = forged(tmp_path / "marks", 3)
+    signed = signing.Signer([secret]).sign(body)
+    mac = hmac.new(secret.encode(), body, "sha256").hexdigest().encode()
+    assert signed == b"pm1:" + signing.key_id(secret.encode()) + b":" + mac + b":" + body
+    assert signing.unsigned(signed) == body and signing.unsigned(body) == body
