@@ -68,7 +68,7 @@ def _status(err: BaseException) -> tuple[grpc.StatusCode | None, str]:
     return None, ""
 
 
-def _what_failed(code: grpc.StatusCode | None, details: str) -> str:
+def _what_failed(code: grpc.StatusCode | None, details: str, *, prefix: str, tls: bool) -> str:
     """What an etcd error says failed, in the words of the settings that fix it."""
     lowered = details.lower()
     if "handshake" in lowered or "certificate" in lowered or "tsi_" in lowered:
@@ -77,10 +77,10 @@ def _what_failed(code: grpc.StatusCode | None, details: str) -> str:
     if "authentication failed" in lowered or "user name is empty" in lowered:
         return "authentication failed: check etcd_user and etcd_password"
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return ("permission denied: grant the etcd user's role read-write on the "
-                "namespace's prefix")
+        return (f"permission denied: grant the etcd user's role read-write on the keys "
+                f"under {prefix!r} (the namespace)")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
-        return "unreachable"
+        return "unreachable" if tls else "unreachable (or it serves TLS only: use etcds:// URLs)"
     return ""
 
 
@@ -185,6 +185,7 @@ class Coordinator:
         self.prefix = f"/{namespace}"
         self.round_trips = 0  # counted for tests of O(1) reads
         security = security or Security()
+        self._tls = security.tls
         credentials = security.credentials()
 
         def connect() -> Any:
@@ -213,12 +214,13 @@ class Coordinator:
         a permission, or the server being unreachable.
         """
         code, details = _status(err)
-        what = _what_failed(code, details)
-        said = f"{what}: {details}" if what and details else what or details
+        what = _what_failed(code, details, prefix=self.prefix, tls=self._tls)
+        words = details or repr(err)
+        said = f"{what}: {words}" if what else words
         if code is not None and code in _REFUSALS:
             return ServerRefused(self.names, f"etcd refused {action} ({code.name}): {said}",
                                  reply=details)
-        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {said or repr(err)}")
+        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {said}")
 
     # Keys -----------------------------------------------------------------
     def run_key(self, run: str) -> str:

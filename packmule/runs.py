@@ -67,7 +67,7 @@ class RunRecord:
         signer: the key id of the secret its starter signs jobs with, "" if
             unsigned: a worker refusing one of the run's jobs for its signature
             fails the run only if the job is signed as its starter signs (see
-            :func:`packmule.execution.fail_refused`).
+            :func:`packmule.execution.refuse`).
     """
 
     run: str
