@@ -40,11 +40,13 @@ STOP_SYSTEM_SERVICES := for service in beanstalkd memcached etcd; do \
 install: system-packages $(STAMP)
 
 # Debian packages, only when a binary (or python3 with venv) is missing.
+# openssl: the tests make certificates for an etcd that serves TLS.
 system-packages:
 	@missing=""; \
 	$(FIND) beanstalkd >/dev/null || missing="$$missing beanstalkd"; \
 	$(FIND) memcached >/dev/null || missing="$$missing memcached"; \
 	$(FIND) etcd >/dev/null || missing="$$missing etcd-server"; \
+	$(FIND) openssl >/dev/null || missing="$$missing openssl"; \
 	command -v python3 >/dev/null || missing="$$missing python3"; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

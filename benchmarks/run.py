@@ -373,6 +373,34 @@ def bench_enqueue(plan: Plan) -> tuple[float, float]:
     return loop, each
 
 
+# 6. Signing ---------------------------------------------------------------------------------
+SIGNING_JOBS, SIGNING_REPS = 10_000, 5
+
+
+def bench_signing() -> float:
+    """Seconds per job to sign a body (producer) and verify it (worker), median of the reps."""
+    from packmule.envelope import BodyTemplate, Envelope, encode_args
+    from packmule.signing import Signer
+
+    say(f"== 6. signing: sign and verify {SIGNING_JOBS:,} job bodies (HMAC-SHA256), one process")
+    signer = Signer(["bench-secret-" + "7" * 32])
+    envelope = Envelope("bench_runners:Fanout", "bench", uuid.uuid4().hex[:16], 0, "caller.1",
+                        "echo", [], {"tube": TUBE}, lease=7587000000000000000)
+    bodies = [BodyTemplate(envelope).body(n, encode_args("echo", [n]))
+              for n in range(SIGNING_JOBS)]
+    costs = []
+    for _ in range(SIGNING_REPS):
+        started = time.perf_counter()
+        for body in bodies:
+            signer.verify(signer.sign(body))
+        costs.append((time.perf_counter() - started) / SIGNING_JOBS)
+    cost = statistics.median(costs)
+    say(f"signing   sign + verify median {cost * 1e6:.2f} us/job  ({SIGNING_REPS} runs; "
+        f"bodies of {len(bodies[-1])} B, +{len(signer.sign(bodies[-1])) - len(bodies[-1])} B "
+        "signed)")
+    return cost
+
+
 def producer_memory(env: dict[str, str], count: int) -> dict[str, float]:
     """Peak memory of a fresh producer process enqueueing ``count`` jobs with enqueue_each."""
     reports = {}
@@ -672,6 +700,7 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     progress_small, progress_big = bench_progress(plan)
     loop, each = bench_enqueue(plan)
     memory = producer_memory(env, plan.memory_jobs)
+    signing = bench_signing()
     say(f"== producer peak memory, enqueue_each of {plan.memory_jobs} jobs in a fresh process")
     say(f"producer  VmRSS {memory['rss_before_mb']:.1f} MB before -> "
         f"VmHWM {memory['rss_peak_mb']:.1f} MB peak (+{memory['rss_peak_mb'] - memory['rss_before_mb']:.1f}"
@@ -704,6 +733,7 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     say(f"{verdict(each >= 2 * loop)}  enqueue_each >= 2x enqueue loop: {each / loop:.2f}x")
     worst = max(r for r, _ in worker_rss) / 1024
     peak = max(h for _, h in worker_rss) / 1024
+    say(f"{verdict(signing < 5e-6)}  signing: sign + verify < 5 us/job: {signing * 1e6:.2f} us")
     say(f"{verdict(worst < 80)}  worker RSS < 80 MB: {worst:.1f} MB after the runs "
         f"(peak VmHWM during them {peak:.1f} MB: {verdict(peak < 80)} if judged by the peak)")
     say(f"done in {time.perf_counter() - began:.0f} s; load average after: {load_average()} "

@@ -13,9 +13,11 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from packmule import signing
 from packmule.config import Settings, settings
-from packmule.coord import Coordinator
+from packmule.coord import Coordinator, Security
 from packmule.queue import Queue
+from packmule.signing import Signer
 from packmule.store import Store
 
 
@@ -43,7 +45,13 @@ class Backends:
     def coord(self) -> Coordinator:
         """The etcd client."""
         return Coordinator(self.settings.etcd, namespace=self.settings.namespace,
-                           timeout_seconds=self.settings.socket_timeout_seconds)
+                           timeout_seconds=self.settings.socket_timeout_seconds,
+                           security=Security.of(self.settings))
+
+    @cached_property
+    def signer(self) -> Signer | None:
+        """Signs the job bodies this thread makes; None when no secret is configured."""
+        return signing.from_settings(self.settings)
 
     def close(self) -> None:
         """Close whatever was opened."""

@@ -9,7 +9,7 @@ The configured :class:`Settings` is the only module-level mutable state.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,8 +20,41 @@ Address = tuple[str, int]
 _SCHEMES = {
     "PACKMULE_BEANSTALKD": ({"beanstalk", "beanstalkd", "tcp"}, 11300),
     "PACKMULE_MEMCACHED": ({"memcache", "memcached", "tcp"}, 11211),
-    "PACKMULE_ETCD": ({"etcd", "http", "tcp"}, 2379),
+    "PACKMULE_ETCD": ({"etcd", "http", "tcp", "etcds", "https"}, 2379),
 }
+_TLS_SCHEMES = frozenset({"etcds", "https"})
+# The shortest signing secret accepted: a short one is guessed offline from one signed job.
+MIN_SECRET_CHARS = 16
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True, repr=False)
+class Secret:
+    """Text that is never shown: its ``repr`` and ``str`` hide the values.
+
+    Settings hold secrets (signing secrets, etcd's password) in this type so
+    that printing the settings, an error or a log line cannot leak them.
+
+    Attributes:
+        values: the secret texts, in order (several for a signing secret in rotation).
+    """
+
+    values: tuple[str, ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return f"Secret(<{len(self.values)} hidden>)" if self.values else "Secret()"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+    @classmethod
+    def of(cls, value: Secret | str | tuple[str, ...] | list[str]) -> Secret:
+        """``value`` as a Secret: a string is one secret, a sequence several."""
+        if isinstance(value, Secret):
+            return value
+        return cls((value,) if isinstance(value, str) else tuple(value))
 
 
 @dataclass(frozen=True)
@@ -60,6 +93,28 @@ class Settings:
     server_grace_seconds: float = 15.0
     # Workers cache a run's "cancelled" flag this long, to keep it off the per-job path.
     cancel_check_seconds: float = 0.5
+    # Signing (see README "Security"). Shared secrets: the first signs every job
+    # body (HMAC-SHA256), any of them verifies, so a new one can be rolled in
+    # before the old one is dropped. In the environment, comma-separated. Empty:
+    # jobs are unsigned and workers run whatever is put on their tubes.
+    secret: Secret = Secret()
+    # A file holding the secrets instead (one a line, the first signs; blank
+    # lines and `#` comments skipped): keeps them out of the environment.
+    secret_file: str = ""
+    # A worker with a secret also runs jobs that carry no signature (never one
+    # with a wrong signature): only while signing is being rolled out.
+    accept_unsigned: bool = False
+    # etcd over TLS: set by `etcds://` URLs, or by any of the files below. The CA
+    # file defaults to the system's roots; a client certificate needs its key.
+    etcd_tls: bool = False
+    etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+    # etcd authentication (needs TLS: the password and the token would otherwise
+    # cross the network in clear). With `--client-cert-auth`, etcd can instead
+    # take the certificate's common name as the user.
+    etcd_user: str = ""
+    etcd_password: Secret = Secret()
 
 
 _settings: Settings | None = None
@@ -92,6 +147,20 @@ def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
     return tuple(addresses)
 
 
+def tls_scheme(variable: str, text: str) -> bool:
+    """Whether the URLs in ``text`` ask for TLS (``etcds://``, ``https://``).
+
+    Raises:
+        ConfigurationError: some URLs ask for TLS and others do not.
+    """
+    schemes = {part.strip().partition("://")[0] for part in text.split(",")
+               if "://" in part}
+    secure = schemes & _TLS_SCHEMES
+    if secure and schemes - _TLS_SCHEMES:
+        raise ConfigurationError(f"{variable}: mixes TLS and plain URLs in {text!r}")
+    return bool(secure)
+
+
 def _from_environment() -> dict[str, Any]:
     """Every setting given as ``PACKMULE_<SETTING>`` (``PACKMULE_RESULT_TTL_SECONDS=3600``).
 
@@ -105,6 +174,8 @@ def _from_environment() -> dict[str, Any]:
         text = os.environ.get(variable, "").strip()
         if text:
             found[setting.name] = _parse(variable, text, setting.default)
+    if "etcd" in found and "etcd_tls" not in found:
+        found["etcd_tls"] = tls_scheme("PACKMULE_ETCD", os.environ["PACKMULE_ETCD"])
     return found
 
 
@@ -112,6 +183,13 @@ def _parse(variable: str, text: str, default: Any) -> Any:
     """``text`` as a value of the type of ``default``, or a ConfigurationError naming ``variable``."""
     if variable in _SCHEMES:
         return parse_urls(variable, text)
+    if isinstance(default, Secret):  # never quoted in an error
+        several = variable == "PACKMULE_SECRET"
+        return Secret(tuple(p.strip() for p in text.split(",")) if several else (text,))
+    if isinstance(default, bool):
+        if text.lower() not in _TRUE | _FALSE:
+            raise ConfigurationError(f"{variable}: cannot use {text!r} (expected true or false)")
+        return text.lower() in _TRUE
     try:
         if isinstance(default, tuple):
             value = tuple(float(part) for part in text.split(","))
@@ -134,7 +212,56 @@ def _check(settings: Settings) -> Settings:
         raise ConfigurationError(f"ttr_seconds: {settings.ttr_seconds} is below 2 s")
     if settings.state_ttl_seconds > 30 * 24 * 3600:
         raise ConfigurationError("state_ttl_seconds: memcached allows at most 30 days")
+    if settings.secret and settings.secret_file:
+        raise ConfigurationError("secret and secret_file are both set: give one of them")
+    signing_secrets(settings)
+    _check_etcd_security(settings)
     return settings
+
+
+def signing_secrets(settings: Settings) -> tuple[str, ...]:
+    """The signing secrets, first the one that signs: ``secret``, or read from ``secret_file``.
+
+    Read anew on each call: call it once per process or client, not per job.
+
+    Raises:
+        ConfigurationError: the file cannot be read or holds none, or a secret
+            is shorter than MIN_SECRET_CHARS. The message never quotes a secret.
+    """
+    values = settings.secret.values
+    if settings.secret_file:
+        try:
+            with open(settings.secret_file, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigurationError(f"secret_file: cannot read {settings.secret_file!r}: "
+                                     f"{type(err).__name__}") from None
+        values = tuple(line.strip() for line in text.splitlines()
+                       if line.strip() and not line.strip().startswith("#"))
+        if not values:
+            raise ConfigurationError(f"secret_file: {settings.secret_file!r} holds no secret")
+    for position, value in enumerate(values, 1):
+        if len(value) < MIN_SECRET_CHARS:
+            raise ConfigurationError(
+                f"secret: secret {position} of {len(values)} has {len(value)} characters; use at "
+                f"least {MIN_SECRET_CHARS} (e.g. the output of `openssl rand -hex 32`)")
+    return values
+
+
+def _check_etcd_security(settings: Settings) -> None:
+    if bool(settings.etcd_cert_file) != bool(settings.etcd_key_file):
+        raise ConfigurationError("etcd_cert_file and etcd_key_file: give both or neither")
+    if bool(settings.etcd_user) != bool(settings.etcd_password):
+        raise ConfigurationError("etcd_user and etcd_password: give both or neither")
+    if settings.etcd_user and not etcd_uses_tls(settings):
+        raise ConfigurationError(
+            "etcd_user: etcd authentication needs TLS (an etcds:// URL or etcd_ca_file), "
+            "or the password and the token would cross the network in clear")
+
+
+def etcd_uses_tls(settings: Settings) -> bool:
+    """Whether packmule talks to etcd over TLS."""
+    return bool(settings.etcd_tls or settings.etcd_ca_file or settings.etcd_cert_file)
 
 
 def check_tube(tube: str) -> str:
@@ -150,7 +277,9 @@ def configure(**changes: Any) -> Settings:
     """Change settings for this process; returns the new settings.
 
     Server lists may be given as URL strings (comma-separated) or address
-    tuples. Unknown names raise :class:`ConfigurationError`.
+    tuples; an etcd list of ``etcds://`` URLs turns TLS on. ``secret`` may be
+    a string (one secret) or a list (the first signs). Unknown names raise
+    :class:`ConfigurationError`.
     """
     global _settings
     known = {f.name for f in fields(Settings)}
@@ -159,6 +288,10 @@ def configure(**changes: Any) -> Settings:
             raise ConfigurationError(f"configure: unknown setting {name!r}")
         if name in ("beanstalkd", "memcached", "etcd") and isinstance(value, str):
             changes[name] = parse_urls(f"PACKMULE_{name.upper()}", value)
+            if name == "etcd" and "etcd_tls" not in changes:
+                changes["etcd_tls"] = tls_scheme("PACKMULE_ETCD", value)
+        if name in ("secret", "etcd_password"):
+            changes[name] = Secret.of(value)
     _settings = _check(replace(settings(), **changes))
     return _settings
 
@@ -182,4 +315,4 @@ def format_address(address: Address) -> str:
     return f"{address[0]}:{address[1]}"
 
 
-__all__ = ["Address", "Settings", "configure", "format_address", "settings"]
+__all__ = ["Address", "Secret", "Settings", "configure", "format_address", "settings"]

@@ -8,13 +8,21 @@ A lock alone cannot give exactly-once firing, since its holder can die
 half-way; the marker is a create-if-absent transaction, so the decision
 survives any crash and every later attempt sees it. Markers and records are
 attached to the run's lease, so they expire with the run's record.
+
+etcd may be reached over TLS (a CA, a client certificate) and with a user
+and password (see :class:`Security`). etcd forgets an authentication token
+after a while unused (``--auth-token-ttl``, 5 min), or when the user's
+password or roles change: the client then authenticates again and repeats
+the request once, so an idle worker does not fail its next job.
 """
 
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -22,8 +30,8 @@ import etcd3
 import etcd3.watch
 import grpc
 
-from packmule.config import Address, format_address
-from packmule.errors import CoordinatorUnavailable, ServerError, ServerRefused
+from packmule.config import Address, Secret, Settings, etcd_uses_tls, format_address
+from packmule.errors import ConfigurationError, CoordinatorUnavailable, ServerError, ServerRefused
 
 if not hasattr(etcd3.watch, "six"):
     # python3-etcd3 0.13 still calls six.itervalues() when a watch stream ends
@@ -60,18 +68,136 @@ def _status(err: BaseException) -> tuple[grpc.StatusCode | None, str]:
     return None, ""
 
 
+def _what_failed(code: grpc.StatusCode | None, details: str, *, prefix: str, tls: bool) -> str:
+    """What an etcd error says failed, in the words of the settings that fix it."""
+    lowered = details.lower()
+    if "handshake" in lowered or "certificate" in lowered or "tsi_" in lowered:
+        return ("the TLS handshake failed (certificate): check etcd_ca_file (the CA that "
+                "signed etcd's certificate) and etcd_cert_file/etcd_key_file (the client's)")
+    if "authentication failed" in lowered or "user name is empty" in lowered:
+        return "authentication failed: check etcd_user and etcd_password"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return (f"permission denied: grant the etcd user's role read-write on the keys "
+                f"under {prefix!r} (the namespace)")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
+        return "unreachable" if tls else "unreachable (or it serves TLS only: use etcds:// URLs)"
+    return ""
+
+
+# How etcd says a token must be renewed (the Go client renews on both).
+_RENEW = ("invalid auth token", "revision of auth store is old")
+
+
+@dataclass(frozen=True)
+class Security:
+    """How to reach etcd: TLS files and credentials (see Settings for each).
+
+    The password is a :class:`~packmule.config.Secret`, never shown.
+    """
+
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    user: str = ""
+    password: Secret = field(default_factory=Secret)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Security:
+        """The security settings of ``settings``."""
+        return cls(etcd_uses_tls(settings), settings.etcd_ca_file, settings.etcd_cert_file,
+                   settings.etcd_key_file, settings.etcd_user, settings.etcd_password)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials from the files (None without TLS); the system's CAs by default.
+
+        Raises:
+            ConfigurationError: a file cannot be read, naming its setting.
+        """
+        if not self.tls:
+            return None
+        found = {name: _read_file(f"etcd_{name}", getattr(self, name))
+                 for name in ("ca_file", "cert_file", "key_file")}
+        return grpc.ssl_channel_credentials(found["ca_file"], found["key_file"],
+                                            found["cert_file"])
+
+
+def _read_file(setting: str, path: str) -> bytes | None:
+    """The bytes of the file ``path`` (None if no path); ConfigurationError naming ``setting``."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise ConfigurationError(f"{setting}: cannot read {path!r}: {err.strerror}") from None
+
+
+class _Renewing:
+    """The etcd client, made anew (authenticating again) when etcd forgot its token.
+
+    Calls pass through; one that fails because the token is no longer valid
+    is repeated once on a new client. A generator's items are read inside
+    the call, so its errors are seen here too. Watches of the old client end
+    with it: a waiting caller also polls, so it is woken later, never lost.
+    """
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self.client = connect()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return _read(attribute(*args, **kwargs))
+            except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as err:
+                if not any(words in _status(err)[1] for words in _RENEW):
+                    raise
+            old, self.client = self.client, self._connect()
+            with suppress(Exception):
+                old.close()
+            return _read(getattr(self.client, name)(*args, **kwargs))
+
+        return call
+
+
+def _read(result: Any) -> Any:
+    return list(result) if isinstance(result, types.GeneratorType) else result
+
+
 class Coordinator:
     """A client of the etcd cluster (fails over between its members)."""
 
     def __init__(self, addresses: tuple[Address, ...], *, namespace: str,
-                 timeout_seconds: float) -> None:
+                 timeout_seconds: float, security: Security | None = None) -> None:
+        """Connect (and authenticate, with a user) to the cluster at ``addresses``.
+
+        Raises:
+            ConfigurationError: a TLS file cannot be read.
+            ServerRefused: etcd refused the credentials (naming what failed).
+            CoordinatorUnavailable: etcd cannot be reached, or the TLS handshake failed.
+        """
         self.names = ", ".join(format_address(a) for a in addresses)
         self.prefix = f"/{namespace}"
         self.round_trips = 0  # counted for tests of O(1) reads
-        endpoints = [etcd3.Endpoint(host, port, secure=False) for host, port in addresses]
-        self._client = etcd3.MultiEndpointEtcd3Client(
-            endpoints, timeout=timeout_seconds, failover=True
-        )
+        security = security or Security()
+        self._tls = security.tls
+        credentials = security.credentials()
+
+        def connect() -> Any:
+            endpoints = [etcd3.Endpoint(host, port, secure=security.tls, creds=credentials)
+                         for host, port in addresses]
+            user = security.user or None
+            password = security.password.values[0] if security.password else None
+            return etcd3.MultiEndpointEtcd3Client(endpoints, timeout=timeout_seconds,
+                                                  failover=True, user=user, password=password)
+
+        with self._naming("authenticate" if security.user else "connect"):
+            self._client = _Renewing(connect)
 
     @contextmanager
     def _naming(self, action: str) -> Iterator[None]:
@@ -82,12 +208,19 @@ class Coordinator:
             raise self._error(action, err) from err
 
     def _error(self, action: str, err: BaseException) -> ServerError:
-        """ServerRefused if etcd answered that the request is wrong, else CoordinatorUnavailable."""
+        """ServerRefused if etcd answered that the request is wrong, else CoordinatorUnavailable.
+
+        The message says what failed: the TLS handshake, the authentication,
+        a permission, or the server being unreachable.
+        """
         code, details = _status(err)
+        what = _what_failed(code, details, prefix=self.prefix, tls=self._tls)
+        words = details or repr(err)
+        said = f"{what}: {words}" if what else words
         if code is not None and code in _REFUSALS:
-            return ServerRefused(self.names, f"etcd refused {action} ({code.name}): {details}",
+            return ServerRefused(self.names, f"etcd refused {action} ({code.name}): {said}",
                                  reply=details)
-        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}")
+        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {said}")
 
     # Keys -----------------------------------------------------------------
     def run_key(self, run: str) -> str:
@@ -212,15 +345,18 @@ class Coordinator:
 
         ids: list[int] = []
 
+        client: list[Any] = []  # the client that holds the watches (a renewal makes another)
+
         def cancel() -> None:
             for watch_id in ids:
                 with suppress(Exception):
-                    self._client.cancel_watch(watch_id)
+                    client[0].cancel_watch(watch_id)
 
         try:
             with self._naming("watch"):
                 for prefix in prefixes:
                     ids.append(self._client.add_watch_prefix_callback(prefix, on_event))
+                    client[:] = [self._client.client]
         except ServerError:
             cancel()
             raise

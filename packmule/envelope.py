@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packmule import markers
 from packmule.errors import DecodeError, EncodeError
+
+if TYPE_CHECKING:
+    from packmule.signing import Signer
 
 FORMAT = 1
 # One encoder for every value: json.dumps with options builds a new encoder per call.
@@ -100,10 +103,11 @@ class BodyTemplate:
     body). This encodes the shared fields once and splices in each job's
     number and its already encoded arguments. The bytes are those of the
     whole envelope as one JSON object, ``{"packmule": FORMAT, **fields}``
-    (a test holds them equal).
+    (a test holds them equal), signed when a signer is given: every job body
+    is made here, so none leaves unsigned (see :mod:`packmule.signing`).
     """
 
-    def __init__(self, envelope: Envelope) -> None:
+    def __init__(self, envelope: Envelope, *, signer: Signer | None = None) -> None:
         """Fields shared by the jobs; ``envelope.job`` and ``envelope.args`` are ignored."""
         e, what = envelope, f"job {envelope.method}"
         head = dumps({"packmule": FORMAT, "runner": e.runner, "name": e.name, "run": e.run},
@@ -114,10 +118,12 @@ class BodyTemplate:
         self._head = head[:-1] + b',"job":'
         self._middle = b"," + middle[1:-1] + b',"args":'
         self._tail = b"," + tail[1:]
+        self._signer = signer
 
     def body(self, number: int, args: bytes) -> bytes:
         """The body of job ``number``; ``args`` from :func:`encode_args`."""
-        return b"%b%d%b%b%b" % (self._head, number, self._middle, args, self._tail)
+        body = b"%b%d%b%b%b" % (self._head, number, self._middle, args, self._tail)
+        return body if self._signer is None else self._signer.sign(body)
 
 
 _FIELD_TYPES = {

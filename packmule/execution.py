@@ -13,14 +13,16 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from packmule import aggregate, runs
+from packmule import aggregate, runs, signing
 from packmule.aggregate import Batches, RunScope
 from packmule.backends import backends
-from packmule.envelope import Envelope
+from packmule.envelope import Envelope, decode
 from packmule.errors import DecodeError, ResultMissing
 from packmule.jobref import JobRef
 from packmule.outcome import Outcome
 from packmule.runner import Context, Runner
+from packmule.signing import SignatureError
+from packmule.store import refused_jobs_key
 
 log = logging.getLogger("packmule.worker")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -188,6 +190,35 @@ def fail_unrunnable(envelope: Envelope, reason: str) -> bool:
     aggregate.complete(scope, envelope.job, envelope.batch,
                        Outcome.failed(envelope.job, text, own=True, method=envelope.method))
     return True
+
+
+def refuse(body: bytes, err: SignatureError) -> str | None:
+    """Count a job refused for its signature; fail its run if the job is the run's own.
+
+    A job with no signature, or signed with a secret this worker lacks, may
+    be its run's own: the run's starter then signs the same way (its record's
+    ``signer``), every job of it is refused alike, and the run must end saying
+    why. Otherwise the job is taken for forged and touches no run: a forger
+    cannot fail a run whose jobs are signed with a secret the workers hold,
+    and a body with a wrong MAC (``invalid``) never fails one. The body is
+    decoded only to name its run; nothing in it is imported or called.
+    Returns the id of the run that failed, or None.
+    """
+    store = backends().store
+    key = refused_jobs_key(backends().settings.namespace)
+    store.add(key, b"0")
+    store.incr_quietly(key)
+    if err.reason == "invalid":
+        return None
+    try:
+        envelope = decode(signing.unsigned(body))
+    except DecodeError:
+        return None
+    record = runs.read_run(backends(), envelope.run)
+    if record is None or record.state != "running" or record.signer != err.key_id:
+        return None
+    reason = f"{err} (its producer and the workers need the same secrets)"
+    return envelope.run if fail_unrunnable(envelope, reason) else None
 
 
 def user_traceback(err: BaseException) -> str:

@@ -222,7 +222,7 @@ class Runner:
         options = {**self.options, "tube": tube}
         template = BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
                                          batch, method, [], options, lease=context.scope.lease,
-                                         **extra))
+                                         **extra), signer=context.scope.backends.signer)
         if not extra:
             context.template = (key, template)
         return template

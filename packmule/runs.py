@@ -64,6 +64,10 @@ class RunRecord:
             run (a `run_async` run: its root job is a worker's); a blocking
             ``run()`` whose caller raised is not.
         method: for a failure, the method of the job that failed.
+        signer: the key id of the secret its starter signs jobs with, "" if
+            unsigned: a worker refusing one of the run's jobs for its signature
+            fails the run only if the job is signed as its starter signs (see
+            :func:`packmule.execution.refuse`).
     """
 
     run: str
@@ -85,6 +89,7 @@ class RunRecord:
         """``module:QualName/name``: the runner class and the run's name."""
         return f"{self.runner}/{self.name}"
     method: str = ""
+    signer: str = ""
 
 
 def start(backends: Backends, runner: str, name: str, *, resumable: bool = False) -> RunRecord:
@@ -96,7 +101,8 @@ def start(backends: Backends, runner: str, name: str, *, resumable: bool = False
     coord, store = backends.coord, backends.store
     record = RunRecord(uuid.uuid4().hex[:16], coord.grant_lease(backends.settings.result_ttl_seconds),
                        "running", started=time.time(), runner=runner, name=name,
-                       resumable=resumable)
+                       resumable=resumable,
+                       signer=backends.signer.key_id if backends.signer is not None else "")
     keys = RunKeys(backends.settings.namespace, record.run)
     store.set_many({getattr(keys, counter): b"0" for counter in ("sequence", *COUNTERS)})
     for index in range(len(store.names)):

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,23 @@ _STOP_SECONDS = 3.0
 _PID_LINE = re.compile(rb"(?:^|\n)(?:STAT )?pid:? (\d+)\r?\n")
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """Files for an etcd that serves TLS and requires client certificates.
+
+    Attributes:
+        ca_file: the CA that signed both certificates.
+        cert_file, key_file: etcd's own (valid for 127.0.0.1).
+        client_cert_file, client_key_file: a client's, for packmule and health checks.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
+
+
 @dataclass
 class _Server:
     """One server process; its folder holds its log and its data."""
@@ -46,6 +64,7 @@ class _Server:
     peer_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
+    tls: EtcdTls | None = None
 
     @property
     def log(self) -> Path:
@@ -62,14 +81,15 @@ class LocalServers:
     for the life of the object: the restart helpers reuse the same port.
     """
 
-    def __init__(self, *, beanstalkd: int, memcached: int, workdir: Path | None) -> None:
+    def __init__(self, *, beanstalkd: int, memcached: int, workdir: Path | None,
+                 etcd_tls: EtcdTls | None = None) -> None:
         if beanstalkd < 1 or memcached < 1:
             raise ValueError("each pool needs at least one server")
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="packmule-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         home = self.workdir
-        self._etcd = _Server("etcd", home / "etcd")
+        self._etcd = _Server("etcd", home / "etcd", tls=etcd_tls)
         self._beanstalkd = [_Server("beanstalkd", home / f"beanstalkd-{i}") for i in range(beanstalkd)]
         self._memcached = [_Server("memcached", home / f"memcached-{i}") for i in range(memcached)]
         self._stopped = False
@@ -84,15 +104,24 @@ class LocalServers:
 
     @property
     def etcd_urls(self) -> list[str]:
-        return [f"etcd://{HOST}:{self._etcd.port}"]
+        return [f"{'etcds' if self._etcd.tls else 'etcd'}://{HOST}:{self._etcd.port}"]
 
     def env(self) -> dict[str, str]:
-        """The ``PACKMULE_*`` variables a worker or demo needs to find these servers."""
-        return {
+        """The ``PACKMULE_*`` variables a worker or demo needs to find these servers.
+
+        With TLS, the CA and the client's certificate and key too.
+        """
+        found = {
             "PACKMULE_BEANSTALKD": ",".join(self.beanstalkd_urls),
             "PACKMULE_MEMCACHED": ",".join(self.memcached_urls),
             "PACKMULE_ETCD": ",".join(self.etcd_urls),
         }
+        tls = self._etcd.tls
+        if tls is not None:
+            found.update(PACKMULE_ETCD_CA_FILE=str(tls.ca_file),
+                         PACKMULE_ETCD_CERT_FILE=str(tls.client_cert_file),
+                         PACKMULE_ETCD_KEY_FILE=str(tls.client_key_file))
+        return found
 
     def __enter__(self) -> LocalServers:
         return self
@@ -148,7 +177,8 @@ class LocalServers:
 
 
 def start_local_servers(
-    *, beanstalkd: int = 1, memcached: int = 1, workdir: Path | None = None
+    *, beanstalkd: int = 1, memcached: int = 1, workdir: Path | None = None,
+    etcd_tls: EtcdTls | None = None,
 ) -> LocalServers:
     """Start ``beanstalkd`` + ``memcached`` servers and one etcd, all ready.
 
@@ -157,13 +187,16 @@ def start_local_servers(
         memcached: how many memcached servers (a pool), at least 1.
         workdir: folder for data and logs; a temporary one (removed by
             ``stop()``) when None. A reused folder replays old binlogs.
+        etcd_tls: serve etcd over TLS only, to clients with a certificate
+            its CA signed (``etcds://`` in :meth:`LocalServers.env`).
 
     Raises:
         ServerStartError: a binary is missing (names the Debian package), or a
             server exited or was not ready in time (with its log's tail).
             Servers already started are stopped first.
     """
-    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, workdir=workdir)
+    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, workdir=workdir,
+                           etcd_tls=etcd_tls)
     try:
         servers._start_all()
     except BaseException:
@@ -218,7 +251,11 @@ def _argv(server: _Server) -> list[str]:
         # -M: refuse writes when full instead of evicting; as root it must be told a user.
         user = ["-u", "root"] if os.geteuid() == 0 else []
         return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M", "-m", "64", *user]
-    client, peer = f"http://{HOST}:{port}", f"http://{HOST}:{server.peer_port}"
+    scheme = "https" if server.tls else "http"
+    client, peer = f"{scheme}://{HOST}:{port}", f"http://{HOST}:{server.peer_port}"
+    tls = [] if server.tls is None else [
+        "--cert-file", str(server.tls.cert_file), "--key-file", str(server.tls.key_file),
+        "--trusted-ca-file", str(server.tls.ca_file), "--client-cert-auth"]
     return [
         _binary("etcd"), "--name", "default", "--data-dir", str(folder / "data"),
         "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -227,7 +264,7 @@ def _argv(server: _Server) -> list[str]:
         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h",
         # One member on loopback: short raft ticks make it leader in ~0.1 s, not ~1 s.
         "--heartbeat-interval", "10", "--election-timeout", "100",
-        "--logger", "zap", "--log-level", "error",
+        "--logger", "zap", "--log-level", "error", *tls,
     ]  # fmt: skip
 
 
@@ -270,7 +307,7 @@ def _await(server: _Server) -> bool:
             if "address already in use" in tail.lower():
                 return False
             raise ServerStartError(f"{server.describe()} exited with {server.process.returncode}\n{tail}")
-        if _etcd_healthy(server.port) if server.kind == "etcd" else _serves_pid(server):
+        if _etcd_healthy(server) if server.kind == "etcd" else _serves_pid(server):
             return True
         time.sleep(0.01)
     _terminate([server])
@@ -299,11 +336,18 @@ def _serves_pid(server: _Server) -> bool:
     return found is not None and int(found.group(1)) == server.process.pid
 
 
-def _etcd_healthy(port: int) -> bool:
+def _etcd_healthy(server: _Server) -> bool:
     # No proxy: an http_proxy setting must not route loopback checks elsewhere.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    scheme = "http"
+    if server.tls is not None:
+        context = ssl.create_default_context(cafile=str(server.tls.ca_file))
+        context.load_cert_chain(server.tls.client_cert_file, server.tls.client_key_file)
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+        scheme = "https"
+    opener = urllib.request.build_opener(*handlers)
     try:
-        with opener.open(f"http://{HOST}:{port}/health", timeout=1.0) as response:
+        with opener.open(f"{scheme}://{HOST}:{server.port}/health", timeout=1.0) as response:
             body = json.loads(response.read())
     except (OSError, ValueError):
         return False

@@ -37,6 +37,11 @@ T = TypeVar("T")
 ITEM_OVERHEAD = 64 + 8
 
 
+def refused_jobs_key(namespace: str) -> str:
+    """Counter: jobs workers refused for their signature, all runs together (for metrics)."""
+    return f"{namespace}:refused"
+
+
 @dataclass(frozen=True)
 class RunKeys:
     """Builds every memcached key of one run (the one place keys are spelled)."""

@@ -3,7 +3,9 @@
 Signal handlers only set flags: the first SIGTERM/SIGINT lets the current
 job finish, the second exits at once (beanstalkd hands that job out again
 after its time-to-run). A job that cannot be decoded, or names a module
-outside ``--import``, is buried with the reason logged and never executed.
+outside ``--import``, is buried with the reason logged and never executed;
+so is, on a worker with a secret, a job whose signature is missing or wrong
+(see :mod:`packmule.signing`).
 
 No job can stop a worker: whatever a job raises (SystemExit and
 KeyboardInterrupt included: the worker's own signals never raise), and
@@ -29,7 +31,7 @@ from typing import Any
 
 import greenstalk
 
-from packmule import execution, leftovers, runs
+from packmule import execution, leftovers, runs, signing
 from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import Envelope, decode
@@ -43,6 +45,7 @@ from packmule.errors import (
 )
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.retry import backoff_seconds
+from packmule.signing import SignatureError
 
 log = logging.getLogger("packmule.worker")
 # A job naming a runner this worker cannot load goes back this many times
@@ -127,6 +130,7 @@ class Worker:
         self.stopping = False
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
         self._keepalive = KeepAlive()
+        self.signer = signing.from_settings(self.settings)
         self._next = 0
         # (server index, job id) of the last finished job: its delete is sent
         # with the next reserve on that server (one write, one round trip).
@@ -140,6 +144,11 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info("worker %d watching %s on %s", os.getpid(), self.tubes, self._names)
+        if self.signer is None:
+            log.warning("jobs are not signed (no secret): this worker runs any job put on %s",
+                        self.tubes)
+        elif self.settings.accept_unsigned:
+            log.warning("accept_unsigned: this worker also runs jobs without a signature")
         failures = 0
         while not self.stopping:
             try:
@@ -231,7 +240,10 @@ class Worker:
         the job is handed out again.
         """
         try:
-            envelope = decode(job.body)
+            envelope = decode(self._checked(job.body))
+        except SignatureError as err:
+            self._refuse(client, job, err)
+            return False
         except Exception as err:  # a foreign or corrupt job: bury it, go on
             # Not only DecodeError: json raises RecursionError on deep nesting.
             log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
@@ -255,6 +267,41 @@ class Worker:
             # the job in turn): fail it, so a waiting caller hears of it, and bury it.
             self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
         return False
+
+    def _checked(self, body: bytes) -> bytes:
+        """The envelope's JSON of ``body``, its signature checked if this worker has a secret.
+
+        Raises:
+            SignatureError: the signature is missing (unless ``accept_unsigned``) or wrong.
+        """
+        if self.signer is None:
+            return signing.unsigned(body)
+        try:
+            return self.signer.verify(body)
+        except SignatureError as err:
+            if err.reason == "missing" and self.settings.accept_unsigned:
+                return body
+            raise
+
+    def _refuse(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
+                err: SignatureError) -> None:
+        """Bury a job refused for its signature, log it at ERROR and count it; never run it.
+
+        Its run fails only if the job is signed as the run's starter signs (see
+        :func:`packmule.execution.refuse`): then the run's own jobs are refused alike.
+        """
+        log.error("burying job %s: refused: %s", job.id, err)
+        try:
+            run = execution.refuse(job.body, err)
+        except ServerUnavailable:
+            raise
+        except Exception as second:  # the job is buried all the same
+            log.error("job %s: counting its refusal failed: %s: %s", job.id,
+                      type(second).__name__, second)
+            run = None
+        if run is not None:
+            log.error("job %s is signed as its run %s was started: the run fails", job.id, run)
+        client.bury(job)
 
     def _unrunnable(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                     envelope: Envelope, err: BaseException) -> None:
