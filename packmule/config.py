@@ -60,6 +60,9 @@ class Settings:
     server_grace_seconds: float = 15.0
     # Workers cache a run's "cancelled" flag this long, to keep it off the per-job path.
     cancel_check_seconds: float = 0.5
+    # A worker's registry record lives on an etcd lease this long, refreshed every
+    # third of it: a worker that died leaves `packmule workers` within this time.
+    worker_ttl_seconds: int = 10
 
 
 _settings: Settings | None = None
@@ -132,6 +135,8 @@ def _check(settings: Settings) -> Settings:
     check_tube(settings.tube)
     if settings.ttr_seconds < 2:
         raise ConfigurationError(f"ttr_seconds: {settings.ttr_seconds} is below 2 s")
+    if settings.worker_ttl_seconds < 2:
+        raise ConfigurationError(f"worker_ttl_seconds: {settings.worker_ttl_seconds} is below 2 s")
     if settings.state_ttl_seconds > 30 * 24 * 3600:
         raise ConfigurationError("state_ttl_seconds: memcached allows at most 30 days")
     return settings
