@@ -72,7 +72,10 @@ def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
     """Parse comma-separated server URLs such as ``beanstalk://10.0.0.5:11300``.
 
     A bare ``host:port`` or ``host`` is accepted; the port defaults to the
-    server's usual one. Raises :class:`ConfigurationError` naming the variable
+    server's usual one. Anything after the address (a path, a query) is
+    refused rather than ignored: ``beanstalk//host:11300``, a typo for
+    ``beanstalk://host:11300``, would otherwise read as the host
+    ``beanstalk``. Raises :class:`ConfigurationError` naming the variable
     and the faulty part.
     """
     schemes, default_port = _SCHEMES[variable]
@@ -81,7 +84,8 @@ def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
         if not part:
             continue
         url = urlsplit(part if "://" in part else f"tcp://{part}")
-        if url.scheme not in schemes or not url.hostname:
+        if url.scheme not in schemes or not url.hostname or url.path not in ("", "/") \
+                or url.query or url.fragment or "@" in url.netloc:
             raise ConfigurationError(
                 f"{variable}: cannot use {part!r}; expected {sorted(schemes)[0]}://HOST:PORT"
             )
