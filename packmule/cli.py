@@ -59,8 +59,10 @@ def worker(ctx: click.Context, imports: tuple[str, ...], tubes: tuple[str, ...],
     from packmule.worker import Worker
 
     address = None if metrics_port is None else (metrics_host, metrics_port)
-    Worker(imports=list(imports), tubes=list(tubes), burst=burst,
-           metrics_address=address).run()
+    single = Worker(imports=list(imports), tubes=list(tubes), burst=burst,
+                    metrics_address=address)
+    single.run()
+    sys.exit(single.exit_code)
 
 
 @main.command()

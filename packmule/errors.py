@@ -164,3 +164,10 @@ class TimeLimitExceeded(JobStopped):
 
 class JobProcessDied(JobStopped):
     """A job's own process died before the job ended (a signal, ``os._exit``, a crash)."""
+
+
+class ForkServerGone(PackmuleError):
+    """A worker's fork server died: jobs under a time limit cannot run there any more.
+
+    The worker hands the job back and stops with exit code 1, to be restarted.
+    """

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from packmule.errors import PackmuleError
+from packmule.errors import ForkServerGone, PackmuleError
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LENGTH = struct.Struct("!I")
@@ -128,25 +128,29 @@ class ForkServer:
         ours, theirs = socket.socketpair()
         try:
             socket.send_fds(control, [b"fork"], [theirs.fileno()])
+        except OSError as err:
+            ours.close()
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {err}") from err
         finally:
             theirs.close()  # the job process holds the only other copy: its death is our EOF
-        reply = control.recv(64)
-        if not reply.startswith(b"pid "):
+        try:
+            return int(self._reply(b"pid ")), ours
+        except BaseException:
             ours.close()
-            raise PackmuleError(f"the fork server failed to fork a job process: {reply!r}")
-        return int(reply[4:]), ours
+            raise
 
-    def reap(self, pid: int, *, kill: bool) -> int:
-        """Wait for job process ``pid`` (killing it first if ``kill``); its exit code (-N: signal N).
+    def reap(self, pid: int, *, kill: bool, wait: bool = True) -> int:
+        """Reap job process ``pid`` (killing it first if ``kill``); its exit code (-N: signal N).
 
         The fork server reaps its children only when asked, so ``pid`` cannot
-        be reused by another process before this call: the kill hits the right one.
+        be reused by another process before this call: the kill hits the right
+        one. Without ``wait``, the fork server reaps it while the worker goes
+        on (its reply is read later), and 0 is returned.
         """
         if kill:
             os.kill(pid, signal.SIGKILL)
-        control = self._started()
-        control.send(b"reap %d" % pid)
-        return int(control.recv(64))
+        self._started().send(b"reap %d" % pid)
+        return int(self._reply(b"reaped %d " % pid)) if wait else 0
 
     def stop(self) -> None:
         """Stop the fork server (closing its socket ends it) and wait for it."""
@@ -159,6 +163,19 @@ class ForkServer:
         if self._control is None:
             raise PackmuleError("the fork server is not running")
         return self._control
+
+    def _reply(self, prefix: bytes) -> bytes:
+        """The rest of the next reply starting with ``prefix``.
+
+        Replies name what they answer, so one left unread (a reap not waited
+        for, a call interrupted by a cancelled run) is skipped, not mistaken.
+        """
+        while True:
+            reply = self._started().recv(64)
+            if not reply:
+                raise ForkServerGone(f"the fork server (pid {self.pid}) is gone")
+            if reply.startswith(prefix):
+                return reply[len(prefix):]
 
 
 def _serve(control: socket.socket, parent: int, child_main: ChildMain) -> None:
@@ -173,8 +190,9 @@ def _serve(control: socket.socket, parent: int, child_main: ChildMain) -> None:
         if message == b"fork":
             _fork_job(control, fds[0], child_main)
         elif message.startswith(b"reap "):
-            _, status = os.waitpid(int(message[5:]), 0)
-            control.send(b"%d" % os.waitstatus_to_exitcode(status))
+            pid = int(message[5:])
+            _, status = os.waitpid(pid, 0)
+            control.send(b"reaped %d %d" % (pid, os.waitstatus_to_exitcode(status)))
 
 
 def _fork_job(control: socket.socket, fd: int, child_main: ChildMain) -> None:

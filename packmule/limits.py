@@ -154,7 +154,7 @@ def run_limited(server: forks.ForkServer, client: greenstalk.Client[bytes],
     finally:
         sock.close()
         if pid:
-            server.reap(pid, kill=True)
+            server.reap(pid, kill=True, wait=False)
 
 
 def _apply(client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],

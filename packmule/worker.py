@@ -20,15 +20,13 @@ runner with a ``time_limit`` has its jobs run in processes of their own
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -41,14 +39,15 @@ from packmule.config import Settings, format_address, settings
 from packmule.envelope import Envelope, decode
 from packmule.errors import (
     EncodeError,
+    ForkServerGone,
     JobCancelled,
     JobStopped,
-    PackmuleError,
     ServerError,
     ServerRefused,
     ServerUnavailable,
 )
 from packmule.forks import ForkServer
+from packmule.keepalive import KeepAlive, Unwatched
 from packmule.metrics import WorkerMetrics
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.registry import Heartbeat
@@ -74,84 +73,6 @@ class _Finished:
     seconds: float
 
 
-@dataclass
-class _Watched:
-    client: greenstalk.Client[bytes]
-    job: greenstalk.Job[bytes]
-    interval: float
-    cancelled: Callable[[], bool]
-    target: int
-    due: float
-
-
-class KeepAlive:
-    """Touches the reserved job while it runs, on the connection that reserved it.
-
-    One thread per worker, which wakes every ``TICK`` seconds and touches the
-    job being watched once its interval has passed. Arming is a plain
-    assignment and never wakes the thread: a thread started per job, and
-    later a condition notified twice per job, each cost a large share of a
-    worker's CPU. beanstalkd accepts `touch` only on the reserving
-    connection, so touches happen under a lock and disarming waits for a
-    touch in flight: the loop never shares the socket. If the job's run is
-    cancelled, the job is interrupted with JobCancelled.
-    """
-
-    TICK = 0.1  # the shortest interval is 0.5 s (time_to_run >= 2 s, touched every third)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._watched: _Watched | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-keepalive")
-        self._thread.start()
-
-    @contextmanager
-    def watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                 ttr_seconds: float, cancelled: Callable[[], bool]) -> Iterator[None]:
-        """Keep ``job`` alive while the body runs."""
-        interval = max(0.5, ttr_seconds / 3)
-        self._watched = _Watched(client, job, interval, cancelled, threading.get_ident(),
-                                 time.monotonic() + interval)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._watched = None
-
-    def exclusive(self) -> AbstractContextManager[Any]:
-        """Hold off touches: for a command on the reserving connection while watching."""
-        return self._lock
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.TICK)
-            with self._lock:
-                watched = self._watched
-                if watched is not None and time.monotonic() >= watched.due:
-                    self._touch(watched)
-                    watched.due = time.monotonic() + watched.interval
-
-    def _touch(self, watched: _Watched) -> None:
-        try:
-            watched.client.touch(watched.job)
-            if watched.cancelled():
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(watched.target), ctypes.py_object(JobCancelled))
-                self._watched = None
-        except (OSError, greenstalk.Error, PackmuleError) as err:
-            log.warning("keep-alive of job %s failed: %r", watched.job.id, err)
-
-
-class _Unwatched:
-    """The keep-alive of a job's own process: none, its worker keeps the job alive."""
-
-    def watching(self, *_args: Any) -> AbstractContextManager[None]:
-        return nullcontext()
-
-    def exclusive(self) -> AbstractContextManager[None]:
-        return nullcontext()
-
-
 class Worker:
     """Reserves jobs from the tubes of every beanstalkd server of the pool.
 
@@ -168,7 +89,7 @@ class Worker:
         self.burst = burst
         self.stopping = False
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
-        self._keepalive: KeepAlive | _Unwatched = KeepAlive()
+        self._keepalive: KeepAlive | Unwatched = KeepAlive()
         self._next = 0
         # The last job done: its delete is sent with the next reserve on its
         # server (one write, one round trip).
@@ -182,6 +103,8 @@ class Worker:
         self._metrics_address = metrics_address
         self.metrics = WorkerMetrics() if metrics_address else None
         self._forks: ForkServer | None = None  # for jobs under a time limit, once running
+        self._in_child = False  # True in a job's own process
+        self.exit_code = 0  # 1: stopped because it cannot go on (its fork server died)
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -203,8 +126,10 @@ class Worker:
         finally:
             heartbeat.stop()
             self._forks.stop()
-            log.info("worker %d stopped (%s): %d jobs done, %d failed", os.getpid(),
-                     "asked to" if self.stopping else "tubes empty", self.done, self.failed)
+            why = "its fork server died" if self.exit_code else \
+                "asked to" if self.stopping else "tubes empty"
+            log.info("worker %d stopped (%s): %d jobs done, %d failed", os.getpid(), why,
+                     self.done, self.failed)
 
     def _snapshot(self) -> tuple[dict[str, Any] | None, int, int]:
         """The job in hand, jobs done and failed: what the registry's record shows."""
@@ -287,6 +212,17 @@ class Worker:
         """Report a job done once its delete was sent; ``reserves`` 0 if unknown."""
         self._report(finished.envelope, DONE, finished.seconds, reserves or None)
 
+    def _reporter(self, finished: _Finished) -> Callable[[int], None] | None:
+        """What to call with a done job's attempt, read along with its delete.
+
+        Only its log line shows the attempt: without INFO logging, report it
+        now and ask beanstalkd for nothing more.
+        """
+        if log.isEnabledFor(logging.INFO):
+            return lambda reserves: self._report_finished(finished, reserves)
+        self._report_finished(finished, 0)
+        return None
+
     def _client(self, index: int) -> greenstalk.Client[bytes]:
         if index not in self._clients:
             client = connect(self.settings.beanstalkd[index], self.settings.socket_timeout_seconds
@@ -317,7 +253,7 @@ class Worker:
         if finished is not None and finished.index == index:
             self._finished = None
             return delete_then_reserve(client, finished.job_id, timeout,
-                                       reserves=lambda count: self._report_finished(finished, count))
+                                       reserves=self._reporter(finished))
         self._delete_finished()
         try:
             return client.reserve(timeout=timeout)
@@ -332,7 +268,7 @@ class Worker:
         self._finished = None
         with naming(self._names[finished.index], "delete"):
             delete_then_reserve(self._clients[finished.index], finished.job_id, None,
-                                reserves=lambda count: self._report_finished(finished, count))
+                                reserves=self._reporter(finished))
 
     def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> str:
         """Handle one job; how it ended (DONE: it is left for the loop to delete).
@@ -351,7 +287,7 @@ class Worker:
         if self.metrics is not None:
             self.metrics.started(envelope)
         try:
-            runner = execution.prepare(envelope, self.allowed)
+            runner = execution.prepare(envelope, self.allowed, keep_alive=not self._in_child)
         except ServerUnavailable:
             raise
         except BaseException as err:  # a runner this worker cannot run: another may
@@ -379,7 +315,8 @@ class Worker:
         process is a fork of the worker's fork server: its keep-alive,
         metrics and job processes are the worker's, not its own.
         """
-        self._forks, self._keepalive, self.metrics = None, _Unwatched(), None
+        self._forks, self._keepalive, self.metrics = None, Unwatched(), None
+        self._in_child = True
         self._index, self._attempt = index, None
         return self._handle(client, job), self._attempt
 
@@ -462,6 +399,11 @@ class Worker:
                                            exclusive=self._keepalive.exclusive)
         except JobStopped as err:
             return self._on_job_error(client, job, runner, envelope, err)
+        except ForkServerGone as err:  # not the job's fault: another worker takes it
+            log.error("%s: handing job %s back and stopping this worker", err, envelope.job)
+            client.release(job)
+            self.stopping, self.exit_code = True, 1
+            return UNRUNNABLE
         self._attempt = ended.attempt
         return ended.outcome
 

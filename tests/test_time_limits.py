@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,27 @@ def test_time_limit_is_checked_like_the_other_options(env: dict[str, str]) -> No
         with pytest.raises(packmule.ConfigurationError, match="time_limit"):
             Limited("bad", time_limit=bad)
     assert Limited("good", time_limit=0.5).time_limit == 0.5
+
+
+def test_a_worker_whose_fork_server_died_hands_the_job_back_and_stops(
+        executions: Path, workers: Workers) -> None:
+    [first] = workers.start("ops_runners")
+    fork_server = wait_until(lambda: _children(first.pid), what="the worker's fork server")
+    assert isinstance(fork_server, set) and len(fork_server) == 1
+    os.kill(fork_server.pop(), signal.SIGKILL)
+    Limited("orphan").run_async(0.1)
+    assert first.wait(timeout=30) == 1  # stopped, to be restarted
+    assert Limited("orphan").update_progress().failed == 0
+    workers.start("ops_runners")
+    wait_until(lambda: Limited("orphan").update_progress().finished, what="the run's end")
+    assert Limited("orphan").get_return_value() == 0.1
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with suppress(OSError):
+            if entry.name.isdigit() and int(
+                    (entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
