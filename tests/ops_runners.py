@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -112,14 +111,13 @@ class Spinner(Runner):
         return self.deferred_result("first", [self.enqueue("spin", seconds)])
 
     def spin(self, seconds: float) -> float:
-        """One catastrophic regex match of about ``seconds`` (1 to 2 times), GIL held throughout."""
+        """Catastrophic regex matches, each twice as long, until one holds the GIL ``seconds``."""
         _count("PACKMULE_TEST_EXEC_FILE")
         size, took = 12, 0.0
-        while took < 0.05:  # calibrate: each extra "a" doubles the time
+        while took < seconds:  # each extra "a" doubles the time of a match
             size += 1
             took = _match_seconds(size)
-        size += max(0, math.ceil(math.log2(seconds / took)))
-        return _match_seconds(size)
+        return took
 
     def first(self, values: list[Any]) -> Any:
         return values[0]
