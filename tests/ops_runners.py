@@ -134,3 +134,10 @@ def _count(variable: str) -> None:
     if path:
         with open(path, "a") as out:
             out.write(f"{os.getpid()}\n")
+
+
+class LimitedBroken(Broken):
+    """Broken, under a time limit: the failing job's retry and burial go through its worker."""
+
+    time_limit = 30
+    max_retries = 1

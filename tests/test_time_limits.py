@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import Workers, wait_until
-from ops_runners import Limited, LimitedFan, Spinner
+from ops_runners import Limited, LimitedBroken, LimitedFan, Spinner
 
 import packmule
 from packmule import RunFailed
+from packmule.backends import backends
 
 
 @pytest.fixture
@@ -47,6 +48,19 @@ def test_jobs_within_their_limit_run_fan_out_and_aggregate_in_their_own_processe
     assert LimitedFan("fan").get_return_value() == 3.0
     pids = {int(line) for line in _lines(executions)}
     assert len(_lines(executions)) == 4 and worker.pid not in pids and len(pids) == 4
+
+
+def test_a_job_raising_in_its_own_process_is_retried_then_buried(
+        env: dict[str, str], workers: Workers) -> None:
+    workers.start("ops_runners")
+    with pytest.raises(RunFailed, match="ValueError: job 1 is broken") as caught:
+        LimitedBroken("raising").run()
+    assert "raise ValueError" in caught.value.traceback  # the user's frame, from the job process
+    progress = LimitedBroken("raising").update_progress()
+    assert (progress.completed, progress.failed) == (2, 1)
+    wait_until(lambda: (stats := backends().queue.tube_stats(0, env["PACKMULE_TUBE"]))
+               .get("current-jobs-buried") == 1 and stats.get("current-jobs-reserved") == 0,
+               what="the failed job buried by its worker")
 
 
 def test_a_job_holding_its_gil_past_its_ttr_is_not_handed_out_twice(
