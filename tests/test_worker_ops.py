@@ -160,8 +160,9 @@ def _alive(pid: int) -> bool:
 def test_the_supervisor_restarts_a_killed_child_and_none_outlives_it(
         env: dict[str, str], workers: Workers, tmp_path: Path) -> None:
     env["PACKMULE_WORKER_TTL_SECONDS"] = "2"
-    log = tmp_path / "supervisor.log"
-    supervisor = _packmule(workers, log, *_worker_args(env, "--concurrency", "2"))
+    log, port = tmp_path / "supervisor.log", _free_ports(2)
+    supervisor = _packmule(workers, log, *_worker_args(
+        env, "--concurrency", "2", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"))
     registered = wait_until(lambda: len(found := {w.pid for w in list_workers(backends())}) == 2
                             and found, what="two children registered")
     assert isinstance(registered, set) and registered == _children(supervisor.pid)
@@ -170,6 +171,10 @@ def test_the_supervisor_restarts_a_killed_child_and_none_outlives_it(
     wait_until(lambda: len(now := _children(supervisor.pid)) == 2 and victim not in now,
                what="a new child in the killed one's place")
     assert Echo("supervised").run(4) == 6  # the new child works
+    done = frozenset({"runner": "ops_runners:Echo", "method": "echo", "outcome": "done"}.items())
+    wait_until(lambda: sum(_scrape(p).get(("packmule_jobs_total", done), 0)
+                           for p in (port, port + 1)) == 4,
+               what="each child's metrics on its own port, four jobs in all")
     assert f"worker child {victim} (slot" in log.read_text()
     assert "killed by signal SIGKILL" in log.read_text()
     def family() -> set[int]:
