@@ -470,7 +470,7 @@ PHASES = (
     ("decode envelope + build runner (prepare)", "packmule/execution.py:prepare"),
     ("decode envelope + build runner (decode)", "packmule/envelope.py:decode"),
     ("cancelled? check", "packmule/execution.py:cancelled"),
-    ("keep-alive arm/disarm", "packmule/worker.py:KeepAlive.watching"),
+    ("keep-alive arm/disarm", "packmule/keepalive.py:KeepAlive.watching"),
     ("the job method itself (execute)", "packmule/execution.py:execute"),
     ("record: store.add job outcome", "packmule/store.py:Store.add"),
     ("record: progress + batch counters (one packet) + batch record", "packmule/aggregate.py:_notify"),

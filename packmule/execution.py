@@ -66,8 +66,12 @@ def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
 _CLASSES: dict[tuple[str, frozenset[str]], type[Runner]] = {}  # found by load_runner
 
 
-def prepare(envelope: Envelope, allowed: frozenset[str]) -> Runner:
+def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = True) -> Runner:
     """A runner instance set up to execute ``envelope`` in its run's context.
+
+    With ``keep_alive`` (the default), the run's lease is kept alive (see
+    runs.keep_alive); a job's own process (packmule.limits) skips it: its
+    worker does that, and an etcd connection made per job costs milliseconds.
 
     Raises:
         DecodeError: the runner is not allowed (see :func:`load_runner`).
@@ -80,7 +84,8 @@ def prepare(envelope: Envelope, allowed: frozenset[str]) -> Runner:
     runner._check_method(envelope.method)
     scope = RunScope(envelope.run, envelope.lease,
                      runner.identity, backends(), runner.push_progress_updates)
-    runs.keep_alive(scope.backends, envelope.run, envelope.lease)  # the run is active
+    if keep_alive:
+        runs.keep_alive(scope.backends, envelope.run, envelope.lease)  # the run is active
     runner._context = Context(scope, Batches(scope, str(envelope.job), replayable=True), envelope.job,
                               envelope.batch)
     return runner
