@@ -60,6 +60,9 @@ class Settings:
     server_grace_seconds: float = 15.0
     # Workers cache a run's "cancelled" flag this long, to keep it off the per-job path.
     cancel_check_seconds: float = 0.5
+    # The dashboard (`packmule web`) asks for this token when set; it must be set
+    # to listen beyond loopback. "" (the default): loopback only, no token.
+    web_token: str = ""
 
 
 _settings: Settings | None = None
