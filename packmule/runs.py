@@ -158,6 +158,15 @@ def recent(backends: Backends, *, states: Collection[str] = (), runner: str = ""
     return found[:limit]
 
 
+def count_states(backends: Backends) -> dict[str, int]:
+    """How many kept run records are in each state (as recorded): one listing, O(runs), for tools."""
+    found: dict[str, int] = {}
+    for raw in backends.coord.get_prefix(backends.coord.run_key("")).values():
+        state = str(loads(raw)["state"])
+        found[state] = found.get(state, 0) + 1
+    return found
+
+
 def runner_matches(path: str, wanted: str) -> bool:
     """Whether class path ``path`` is ``wanted``: the same path, or its bare class name ("" matches all)."""
     return not wanted or path == wanted or path.partition(":")[2] == wanted
