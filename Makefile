@@ -47,7 +47,7 @@ system-packages:
 	$(FIND) beanstalkd >/dev/null || missing="$$missing beanstalkd"; \
 	$(FIND) memcached >/dev/null || missing="$$missing memcached"; \
 	$(FIND) etcd >/dev/null || missing="$$missing etcd-server"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	command -v python3 >/dev/null || missing="$$missing python3"; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \

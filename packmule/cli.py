@@ -84,7 +84,10 @@ def servers(beanstalkd: int, memcached: int) -> None:
 @main.command()
 @click.option("--naps", default=200, show_default=True, help="Snoozes to run.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
-def demo(naps: int, workers: int) -> None:
+@click.option("--web", "web_port", type=int, default=None, is_flag=False, flag_value=8080,
+              metavar="PORT", help="Serve the dashboard on PORT too (8080 if not given) and "
+              "keep everything up until Ctrl-C.")
+def demo(naps: int, workers: int, web_port: int | None) -> None:
     """Start local servers and workers, run SleepyRunner with a progress bar, stop all."""
     from packmule.servers import start_local_servers
 
@@ -97,9 +100,13 @@ def demo(naps: int, workers: int) -> None:
         procs = [subprocess.Popen([sys.executable, "-m", "packmule", "--log-level", "WARNING",
                                    "worker", "--import", "sleepy_runner"], env=env)
                  for _ in range(workers)]
+        if web_port is not None:
+            procs.append(subprocess.Popen([sys.executable, "-m", "packmule", "web", "--port",
+                                           str(web_port)], env=env))
         try:
             click.echo(f"servers: {local.env()}")
             _run_demo(examples, naps)
+            _offer_dashboard(web_port)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -109,6 +116,31 @@ def demo(naps: int, workers: int) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def _offer_dashboard(web_port: int | None) -> None:
+    """Say where the dashboard is (and wait for Ctrl-C), or how to start the demo with it."""
+    if web_port is None:
+        click.echo(f"to see the run in the dashboard: {_self_command()} demo --web  (servers, "
+                   "workers and the dashboard at http://127.0.0.1:8080/ stay up until Ctrl-C)")
+        return
+    click.echo(f"dashboard: http://127.0.0.1:{web_port}/  (Ctrl-C stops the demo)")
+    try:
+        while True:
+            time.sleep(3600)  # everything runs in the child processes until Ctrl-C
+    except KeyboardInterrupt:
+        click.echo("stopping")
+
+
+def _self_command() -> str:
+    """How this command was started, as a line to copy: ``.venv/bin/packmule`` or ``packmule``."""
+    path = Path(sys.argv[0])
+    if path.name != "packmule":
+        return "packmule"
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _run_demo(examples: Path, naps: int) -> None:
