@@ -63,6 +63,9 @@ class Settings:
     # The dashboard (`packmule web`) asks for this token when set; it must be set
     # to listen beyond loopback. "" (the default): loopback only, no token.
     web_token: str = ""
+    # A worker's registry record lives on an etcd lease this long, refreshed every
+    # third of it: a worker that died leaves `packmule workers` within this time.
+    worker_ttl_seconds: int = 10
 
 
 _settings: Settings | None = None
@@ -72,7 +75,10 @@ def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
     """Parse comma-separated server URLs such as ``beanstalk://10.0.0.5:11300``.
 
     A bare ``host:port`` or ``host`` is accepted; the port defaults to the
-    server's usual one. Raises :class:`ConfigurationError` naming the variable
+    server's usual one. Anything after the address (a path, a query) is
+    refused rather than ignored: ``beanstalk//host:11300``, a typo for
+    ``beanstalk://host:11300``, would otherwise read as the host
+    ``beanstalk``. Raises :class:`ConfigurationError` naming the variable
     and the faulty part.
     """
     schemes, default_port = _SCHEMES[variable]
@@ -81,7 +87,8 @@ def parse_urls(variable: str, text: str) -> tuple[Address, ...]:
         if not part:
             continue
         url = urlsplit(part if "://" in part else f"tcp://{part}")
-        if url.scheme not in schemes or not url.hostname:
+        if url.scheme not in schemes or not url.hostname or url.path not in ("", "/") \
+                or url.query or url.fragment or "@" in url.netloc:
             raise ConfigurationError(
                 f"{variable}: cannot use {part!r}; expected {sorted(schemes)[0]}://HOST:PORT"
             )
@@ -135,6 +142,8 @@ def _check(settings: Settings) -> Settings:
     check_tube(settings.tube)
     if settings.ttr_seconds < 2:
         raise ConfigurationError(f"ttr_seconds: {settings.ttr_seconds} is below 2 s")
+    if settings.worker_ttl_seconds < 2:
+        raise ConfigurationError(f"worker_ttl_seconds: {settings.worker_ttl_seconds} is below 2 s")
     if settings.state_ttl_seconds > 30 * 24 * 3600:
         raise ConfigurationError("state_ttl_seconds: memcached allows at most 30 days")
     return settings

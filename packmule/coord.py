@@ -218,6 +218,11 @@ class Coordinator:
             replies = list(self._client.refresh_lease(lease))
         return bool(replies) and int(replies[0].TTL) > 0
 
+    def revoke_lease(self, lease: int) -> None:
+        """Revoke ``lease``: every key on it goes at once. An unknown (expired) lease is fine."""
+        with suppress(ServerRefused), self._naming("lease revoke"):
+            self._client.revoke_lease(lease)
+
     def watch_prefixes(self, prefixes: list[str], wake: threading.Event,
                        seen: set[str] | None = None) -> Callable[[], None]:
         """Set ``wake`` on any change under ``prefixes``; returns the cancel function.

@@ -42,6 +42,7 @@ from packmule.errors import (
     ServerUnavailable,
 )
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
+from packmule.registry import Heartbeat
 from packmule.retry import backoff_seconds
 
 log = logging.getLogger("packmule.worker")
@@ -132,6 +133,10 @@ class Worker:
         # with the next reserve on that server (one write, one round trip).
         self._finished: tuple[int, int] | None = None
         self._index = 0  # pool index of the server the job in hand came from
+        # For the registry's heartbeat thread, which reads them: plain assignments per job.
+        self._in_hand: tuple[Envelope, float] | None = None  # the job and when it started
+        self.done = 0
+        self.failed = 0
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -140,6 +145,23 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info("worker %d watching %s on %s", os.getpid(), self.tubes, self._names)
+        heartbeat = Heartbeat(self.settings, tubes=self.tubes, imports=sorted(self.allowed),
+                              snapshot=self._snapshot)
+        heartbeat.start()
+        try:
+            self._loop()
+        finally:
+            heartbeat.stop()
+
+    def _snapshot(self) -> tuple[dict[str, Any] | None, int, int]:
+        """The job in hand, jobs done and failed: what the registry's record shows."""
+        in_hand = self._in_hand
+        job = None if in_hand is None else {
+            "run": in_hand[0].run, "job": in_hand[0].job, "method": in_hand[0].method,
+            "since": in_hand[1]}
+        return job, self.done, self.failed
+
+    def _loop(self) -> None:
         failures = 0
         while not self.stopping:
             try:
@@ -176,8 +198,12 @@ class Worker:
         index, job = reserved
         self._index = index
         with naming(self._names[index], "job handling"):
-            if self._handle(self._clients[index], job):
-                self._finished = (index, job.id)
+            try:
+                if self._handle(self._clients[index], job):
+                    self._finished = (index, job.id)
+                    self.done += 1
+            finally:
+                self._in_hand = None
         return True
 
     def _client(self, index: int) -> greenstalk.Client[bytes]:
@@ -237,6 +263,7 @@ class Worker:
             log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
             client.bury(job)
             return False
+        self._in_hand = (envelope, time.time())
         try:
             runner = execution.prepare(envelope, self.allowed)
         except ServerUnavailable:
@@ -278,6 +305,7 @@ class Worker:
         log.error("burying job %s %s() of %s%s: %s", envelope.job, envelope.method,
                   envelope.runner, "" if recorded else " (no such run)", reason)
         client.bury(job)
+        self.failed += 1
         if recorded:
             self._note_buried(job, envelope)
 
@@ -332,6 +360,7 @@ class Worker:
             return
         if execution.handle(runner, envelope, err):
             client.delete(job)
+            self.done += 1
             return
         self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
 
@@ -354,6 +383,7 @@ class Worker:
             log.error("job %s %s(): recording its failure failed too: %s: %s", envelope.job,
                       envelope.method, type(second).__name__, second)
         client.bury(job)
+        self.failed += 1
         self._note_buried(job, envelope)
 
     def _note_buried(self, job: greenstalk.Job[bytes], envelope: Envelope) -> None:

@@ -1,0 +1,81 @@
+"""Settings: every field from its PACKMULE_* variable, documented, and server URLs read strictly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+import pytest
+from conftest import ROOT
+
+import packmule
+from packmule import config
+from packmule.config import Settings
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No PACKMULE_* variable but the test's own; settings read afresh."""
+    for variable in list(os.environ):
+        if variable.startswith("PACKMULE_"):
+            monkeypatch.delenv(variable)
+    config.reset()
+    yield monkeypatch
+    config.reset()
+
+
+def _other_value(default: Any) -> tuple[str, Any]:
+    """A text for a variable and the value it must give, unlike ``default``."""
+    if isinstance(default, tuple) and isinstance(default[0], tuple):  # server addresses
+        return "10.1.2.3:1234,10.1.2.4", (("10.1.2.3", 1234), ("10.1.2.4", default[0][1]))
+    if isinstance(default, tuple):
+        return "0.3,3", (0.3, 3.0)
+    if isinstance(default, str):
+        return "other", "other"
+    if isinstance(default, int):
+        return str(default + 1), default + 1
+    return str(default + 0.5), default + 0.5
+
+
+def test_every_setting_is_read_from_its_variable(clean_environment: pytest.MonkeyPatch) -> None:
+    expected = {}
+    for setting in fields(Settings):
+        text, value = _other_value(setting.default)
+        clean_environment.setenv(f"PACKMULE_{setting.name.upper()}", text)
+        expected[setting.name] = value
+    current = config.settings()
+    assert {name: getattr(current, name) for name in expected} == expected
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in fields(Settings) if f"| `PACKMULE_{f.name.upper()}`" not in readme]
+    assert not missing, f"README's settings table lacks {missing}"
+
+
+@pytest.mark.parametrize("url", [
+    "beanstalk//127.0.0.1:11300",  # the colon forgotten: not a host called "beanstalk"
+    "beanstalk:/127.0.0.1:11300",
+    "beanstalk://127.0.0.1:11300/tube",
+    "beanstalk://127.0.0.1:11300?timeout=1",
+    "beanstalk://user@127.0.0.1:11300",
+    "127.0.0.1:113OO",
+    "memcached://127.0.0.1:11211",  # another server's scheme
+])
+def test_a_server_url_with_a_typo_is_refused(clean_environment: pytest.MonkeyPatch,
+                                              url: str) -> None:
+    clean_environment.setenv("PACKMULE_BEANSTALKD", url)
+    with pytest.raises(packmule.ConfigurationError, match="PACKMULE_BEANSTALKD") as caught:
+        config.settings()
+    assert url in str(caught.value)
+    with pytest.raises(packmule.ConfigurationError, match="PACKMULE_BEANSTALKD"):
+        packmule.configure(beanstalkd=url)
+
+
+def test_good_server_urls_still_read(clean_environment: pytest.MonkeyPatch) -> None:
+    clean_environment.setenv("PACKMULE_BEANSTALKD",
+                             "beanstalk://a:1, beanstalkd://b/ ,tcp://c:3,d:4,e")
+    assert config.settings().beanstalkd == (("a", 1), ("b", 11300), ("c", 3), ("d", 4),
+                                            ("e", 11300))
