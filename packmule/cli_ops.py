@@ -173,7 +173,7 @@ def _tree_lines(roots: list[AggregateNode]) -> Iterator[str]:
 @operating
 def progress(runner: str | None, name: str, run_id: str | None, module: str | None,
              watch: bool, as_json: bool) -> None:
-    """Print a run's progress and state: ``53 / 101 running``, or ``unknown run``.
+    """Print a run's progress and state: "53 / 101 running", or "unknown run".
 
     Exits 1 for an unknown run; with --watch, 0 once the run is done and 1
     if it ended otherwise (failed, lost, cancelled).
@@ -226,6 +226,32 @@ def tubes(as_json: bool) -> None:
     _table(["SERVER", "TUBE", "READY", "RESERVED", "DELAYED", "BURIED", "WATCHING"],
            [[t.server, t.tube, str(t.ready), str(t.reserved), str(t.delayed), str(t.buried),
              str(t.watching)] for t in found])
+
+
+@click.command()
+@json_option
+@operating
+def workers(as_json: bool) -> None:
+    """Live workers: host, pid, tubes, the job in hand, jobs done and failed, last heartbeat."""
+    found = overview.workers(backends())
+    if as_json:
+        _echo_json([overview.worker_json(info) for info in found])
+        return
+    if not found:
+        click.echo("no workers alive")
+        return
+    now = time.time()
+    _table(["WORKER", "PID", "TUBES", "JOB IN HAND", "DONE", "FAILED", "STARTED", "HEARTBEAT"],
+           [[w.id, str(w.pid), ",".join(w.tubes), _in_hand(w.job, now), str(w.done),
+             str(w.failed), format_time(w.started), f"{format_duration(now - w.heartbeat)} ago"]
+            for w in found])
+
+
+def _in_hand(job: dict[str, Any] | None, now: float) -> str:
+    if job is None:
+        return "idle"
+    return f"job {job['job']} {job['method']}() of {job['run']} for " \
+           f"{format_duration(now - job['since'])}"
 
 
 # Acting -----------------------------------------------------------------------------------------
@@ -321,4 +347,4 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-COMMANDS = [runs, show, progress, tubes, kick, cancel, purge, web]
+COMMANDS = [runs, show, progress, tubes, workers, kick, cancel, purge, web]

@@ -1,4 +1,4 @@
-"""What operators read and do: runs listed and shown, tubes; kick, cancel and purge one run.
+"""What operators read and do: runs listed and shown, tubes, workers; kick, cancel, purge a run.
 
 The command line (:mod:`packmule.cli_ops`) and the dashboard
 (:mod:`packmule.web`) both call these, so a page and a command always
@@ -19,6 +19,7 @@ from packmule.backends import Backends
 from packmule.envelope import loads
 from packmule.errors import PackmuleError, UnknownRun
 from packmule.leftovers import FailedJob
+from packmule.registry import WorkerInfo, list_workers
 from packmule.runs import COUNTERS, RunRecord
 from packmule.store import RunKeys
 from packmule.tree import Tree, aggregate_numbers, read_tree
@@ -289,6 +290,16 @@ def tubes(backends: Backends) -> list[TubeStats]:
                     for state in ("ready", "reserved", "delayed", "buried")}
             found.append(TubeStats(server, tube, **jobs, watching=stats.get("current-watching", 0)))
     return found
+
+
+def workers(backends: Backends) -> list[WorkerInfo]:
+    """The live workers (the registry: one etcd range read), by host then pid."""
+    return list_workers(backends)
+
+
+def worker_json(info: WorkerInfo) -> dict[str, Any]:
+    """The ``--json`` form of a worker (see docs/monitoring.md)."""
+    return asdict(info)
 
 
 def _known(backends: Backends, run: str) -> RunRecord:

@@ -172,6 +172,9 @@ def test_a_user_watches_a_run_finish_then_kicks_a_failed_run_to_completion(
                    what="the tube's row")
         browser.save_screenshot(str(tmp_path / "tubes.png"))
         browser.get(f"{base}/workers")
+        pids = sorted(str(proc.pid) for proc in workers.procs)
+        wait_until(lambda: sorted(_text(browser, f"#workers tbody tr:nth-child({n}) td:nth-child(3)")
+                                  for n in (1, 2)) == pids, timeout=30, what="both workers listed")
         browser.save_screenshot(str(tmp_path / "workers.png"))
     assert all((tmp_path / f"{page}.png").stat().st_size > 1000
                for page in ("runs", "run-failed", "run-done", "tubes", "workers"))
@@ -252,9 +255,8 @@ def test_metrics_give_queue_depths_per_tube_and_runs_by_state(
                what="the run to fail")
     wait_until(lambda: backends().queue.tube_stats(0, env["PACKMULE_TUBE"]).get(
         "current-jobs-buried") == 1, timeout=10, what="its job to be buried")
-    with dashboard(env) as base:
-        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
+    with dashboard(env) as base, urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
     tube, server = env["PACKMULE_TUBE"], env["PACKMULE_BEANSTALKD"].removeprefix("beanstalk://")
     assert f'packmule_queue_jobs{{server="{server}",state="buried",tube="{tube}"}} 1.0' in text
     assert f'packmule_queue_jobs{{server="{server}",state="delayed",tube="{tube}"}} 1.0' in text

@@ -249,3 +249,27 @@ def test_show_draws_the_tree_of_aggregates(env: dict[str, str], workers: Workers
     text = cli("show", "FibonacciRunner", "tree", "--aggregates").stdout
     assert "aggregates (7 of 7)" in text
     assert f"  #{top['number']} add() over 2 job(s): done" in text
+
+
+def test_workers_lists_the_live_workers_and_the_job_in_hand(env: dict[str, str],
+                                                            workers: Workers) -> None:
+    assert cli("workers").stdout.strip() == "no workers alive"
+    env["PACKMULE_WORKER_TTL_SECONDS"] = "2"  # a heartbeat every 2/3 s
+    procs = workers.start("fault_runners", 2)
+    pids = sorted(proc.pid for proc in procs)
+    wait_until(lambda: sorted(w["pid"] for w in cli_json("workers")) == pids, timeout=30,
+               what="both workers registered")
+    run = Counted("held").run_async(2, 3.0).run
+    listed = wait_until(lambda: [w for w in cli_json("workers")
+                                 if w["job"] and w["job"]["method"] == "echo"], timeout=30,
+                        what="an echo() job in hand")
+    assert isinstance(listed, list)
+    busy = listed[0]
+    assert set(busy) == {"id", "host", "pid", "tubes", "imports", "started", "job", "done",
+                         "failed", "heartbeat"}
+    assert (busy["tubes"], busy["imports"]) == ([env["PACKMULE_TUBE"]], ["fault_runners"])
+    assert (busy["job"]["run"], busy["job"]["method"]) == (run, "echo")
+    lines = cli("workers").stdout.splitlines()
+    assert lines[0].split()[:3] == ["WORKER", "PID", "TUBES"]
+    assert any(f"echo() of {run} for " in line for line in lines[1:])
+    assert {line.split()[1] for line in lines[1:]} == {str(pid) for pid in pids}

@@ -9,6 +9,7 @@ A server that cannot be reached is said on the page, not a crash.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ class Pages:
 
     # Workers and tubes ----------------------------------------------------------------------------
     def _workers(self) -> dict[str, Any]:
-        return {"workers": None}
+        return {"workers": overview.workers(backends()), "now": time.time()}
 
     async def workers(self, request: Request) -> Response:
         return await self._read(request, "workers.html", self._workers)
