@@ -6,7 +6,6 @@ purge, tubes, workers, web) live in :mod:`packmule.cli_ops`.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from packmule import cli_ops
+from packmule import cli_ops, logs
 from packmule.config import configure
 
 
@@ -25,9 +24,11 @@ from packmule.config import configure
 @click.version_option(package_name="packmule", prog_name="packmule")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(log_level: str) -> None:
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(logs.FORMATS),
+              help="text lines, or one JSON object a line (for log shippers).")
+def main(log_level: str, log_format: str) -> None:
     """packmule: run long work as many small background jobs."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(log_level, log_format)
 
 
 @main.command()
@@ -35,40 +36,34 @@ def main(log_level: str) -> None:
               help="Module defining runners; the only modules jobs may name.")
 @click.option("--tube", "tubes", multiple=True, help="Tube to watch (repeatable).")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Worker processes.")
+              help="Worker processes, each restarted if it dies.")
 @click.option("--burst", is_flag=True, help="Exit once the tubes are empty.")
-def worker(imports: tuple[str, ...], tubes: tuple[str, ...], concurrency: int,
-           burst: bool) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="Serve Prometheus metrics on PORT (child i of --concurrency on PORT + i).")
+@click.option("--metrics-host", default="0.0.0.0", show_default=True,
+              help="Address to serve metrics on.")
+@click.pass_context
+def worker(ctx: click.Context, imports: tuple[str, ...], tubes: tuple[str, ...],
+           concurrency: int, burst: bool, metrics_port: int | None, metrics_host: str) -> None:
     """Reserve and run jobs until stopped (SIGTERM/SIGINT: finish the current job)."""
     sys.path.insert(0, os.getcwd())
     if concurrency > 1:
-        sys.exit(_supervise(concurrency))
+        from packmule.supervisor import supervise
+
+        def argv_for(slot: int) -> list[str]:
+            top = ctx.find_root().params
+            argv = ["--log-level", top["log_level"], "--log-format", top["log_format"], "worker",
+                    "--metrics-host", metrics_host]
+            argv += [f"--import={module}" for module in imports]
+            argv += [f"--tube={tube}" for tube in tubes] + (["--burst"] if burst else [])
+            return argv + ([f"--metrics-port={metrics_port + slot}"] if metrics_port else [])
+
+        sys.exit(supervise(argv_for, concurrency, burst=burst))
     from packmule.worker import Worker
 
-    Worker(imports=list(imports), tubes=list(tubes), burst=burst).run()
-
-
-def _supervise(concurrency: int) -> int:
-    """Run ``concurrency`` single workers as child processes; forward stop signals."""
-    argv = sys.argv[1:]
-    if "--concurrency" in argv:  # drop the option and its value, by position
-        position = argv.index("--concurrency")
-        argv = argv[:position] + argv[position + 2:]
-    argv = [a for a in argv if not a.startswith("--concurrency=")]
-    # Own sessions: a terminal's Ctrl-C reaches only this parent, which forwards
-    # one signal; a child seeing two (terminal and parent) would exit mid-job.
-    children = [subprocess.Popen([sys.executable, "-m", "packmule", *argv],
-                                 start_new_session=True)
-                for _ in range(concurrency)]
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    address = None if metrics_port is None else (metrics_host, metrics_port)
+    Worker(imports=list(imports), tubes=list(tubes), burst=burst,
+           metrics_address=address).run()
 
 
 @main.command()

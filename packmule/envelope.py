@@ -39,6 +39,8 @@ class Envelope:
         aggregate: true for an aggregate (its dependencies live in memcached).
         kwargs: keyword arguments (only the root job of `run_async` has them).
         lease: the etcd lease of the run, which its markers are attached to.
+        enqueued: when it was put (epoch seconds), for the queue-wait metric; 0
+            when unknown (a body written before packmule carried it).
     """
 
     runner: str
@@ -52,6 +54,12 @@ class Envelope:
     aggregate: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
     lease: int = 0
+    enqueued: float = 0.0
+
+
+def stamp(when: float) -> bytes:
+    """``when`` (epoch seconds) as a body's ``enqueued`` value: milliseconds are enough."""
+    return b"%.3f" % when
 
 
 def dumps(value: Any, *, what: str = "value") -> bytes:
@@ -113,11 +121,17 @@ class BodyTemplate:
                       "lease": e.lease}, what=what)
         self._head = head[:-1] + b',"job":'
         self._middle = b"," + middle[1:-1] + b',"args":'
-        self._tail = b"," + tail[1:]
+        self._tail = b"," + tail[1:-1] + b',"enqueued":'
+        self._enqueued = dumps(e.enqueued)
 
-    def body(self, number: int, args: bytes) -> bytes:
-        """The body of job ``number``; ``args`` from :func:`encode_args`."""
-        return b"%b%d%b%b%b" % (self._head, number, self._middle, args, self._tail)
+    def body(self, number: int, args: bytes, enqueued: bytes = b"") -> bytes:
+        """The body of job ``number``; ``args`` from :func:`encode_args`.
+
+        ``enqueued`` is the put's time from :func:`stamp` (one per call, as a
+        template serves many calls); by default the template envelope's.
+        """
+        return b"%b%d%b%b%b%b}" % (self._head, number, self._middle, args, self._tail,
+                                   enqueued or self._enqueued)
 
 
 _FIELD_TYPES = {
@@ -133,6 +147,9 @@ _FIELD_TYPES = {
     "kwargs": dict,
     "lease": int,
 }
+# Fields added since format 1 began: a body without them still decodes (a job
+# enqueued by an older packmule, drained by a newer worker), with the default.
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"enqueued": (float, int)}
 
 
 def decode(body: bytes) -> Envelope:
@@ -153,6 +170,12 @@ def decode(body: bytes) -> Envelope:
             raise DecodeError(f"job envelope field {name!r} is missing or not a {kind.__name__}")
     if ":" not in data["runner"]:
         raise DecodeError(f"job envelope runner {data['runner']!r} is not 'module:Class'")
+    optional = {}
+    for name, kinds in _OPTIONAL_FIELDS.items():
+        if name in data:
+            if not isinstance(data[name], kinds) or isinstance(data[name], bool):
+                raise DecodeError(f"job envelope field {name!r} is not a number")
+            optional[name] = data[name]
     if markers.MARK_BYTES in body:
         data["args"], data["kwargs"] = markers.restore(data["args"]), markers.restore(data["kwargs"])
-    return Envelope(**{name: data[name] for name in _FIELD_TYPES})
+    return Envelope(**{name: data[name] for name in _FIELD_TYPES}, **optional)

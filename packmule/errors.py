@@ -149,3 +149,18 @@ class DecodeError(PackmuleError):
 
 class JobCancelled(PackmuleError):
     """Raised inside a running job whose run was cancelled."""
+
+
+class JobStopped(PackmuleError):
+    """A job run in a process of its own (a runner with ``time_limit``) did not finish there.
+
+    Failed like a job that raised: retried, then ``handle_error``, then buried.
+    """
+
+
+class TimeLimitExceeded(JobStopped):
+    """A job ran past its runner's ``time_limit``; its process was killed. Names the limit."""
+
+
+class JobProcessDied(JobStopped):
+    """A job's own process died before the job ended (a signal, ``os._exit``, a crash)."""

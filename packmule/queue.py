@@ -75,21 +75,35 @@ def _wire(client: greenstalk.Client[bytes]) -> tuple[socket.socket, io.BufferedR
     return client._sock, client._reader
 
 
-def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int,
-                        timeout: int) -> greenstalk.Job[bytes] | None:
+def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int, timeout: int | None, *,
+                        reserves: Callable[[int], None] | None = None) -> greenstalk.Job[bytes] | None:
     """Delete a finished job and reserve the next one in a single write.
 
     A worker would otherwise wait for ``DELETED`` before asking for its next
     job: one round trip per job saved, and beanstalkd often answers both in
-    one packet. Returns None if no job came within ``timeout`` seconds. A job
-    already gone (``NOT_FOUND``) is fine: it was handed out again after its
-    time-to-run and its other execution deleted it.
+    one packet. Returns None if no job came within ``timeout`` seconds (or,
+    with ``timeout`` None, only deletes). A job already gone (``NOT_FOUND``)
+    is fine: it was handed out again after its time-to-run and its other
+    execution deleted it.
+
+    With ``reserves``, a ``stats-job`` goes first in the same write, and
+    ``reserves`` is called with how many times the job was reserved (its
+    attempt; 0 if it was gone) as soon as that reply is in, before the wait
+    for the next job: the worker's log line of the job, without a round trip
+    of its own (greenstalk's ``stats_job`` costs about half a job).
     """
     sock, reader = _wire(client)
-    sock.sendall(b"delete %d\r\nreserve-with-timeout %d\r\n" % (job_id, timeout))
+    stats = b"stats-job %d\r\n" % job_id if reserves else b""
+    reserve = b"" if timeout is None else b"reserve-with-timeout %d\r\n" % timeout
+    sock.sendall(b"%bdelete %d\r\n%b" % (stats, job_id, reserve))
+    count = _read_reserves(reader) if reserves else 0
     deleted = reader.readline()
     if deleted not in (b"DELETED\r\n", b"NOT_FOUND\r\n"):
         raise ConnectionError(f"unexpected reply to delete: {deleted!r}")
+    if reserves:
+        reserves(count)
+    if timeout is None:
+        return None
     reply = reader.readline()
     if reply.startswith(b"RESERVED "):
         _, job, size = reply.split()
@@ -100,6 +114,21 @@ def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int,
     if reply in (b"TIMED_OUT\r\n", b"DEADLINE_SOON\r\n"):
         return None
     raise ConnectionError(f"unexpected reply to reserve: {reply!r}")
+
+
+def _read_reserves(reader: io.BufferedReader) -> int:
+    """The ``reserves`` count of a ``stats-job`` reply (a YAML dict); 0 for ``NOT_FOUND``."""
+    head = reader.readline()
+    if head == b"NOT_FOUND\r\n":
+        return 0
+    if not head.startswith(b"OK "):
+        raise ConnectionError(f"unexpected reply to stats-job: {head!r}")
+    size = int(head[3:]) + 2
+    data = reader.read(size)
+    if len(data) != size:
+        raise ConnectionError("beanstalkd closed the connection mid-reply")
+    start = data.find(b"\nreserves: ")
+    return int(data[start + 11:data.index(b"\n", start + 1)]) if start >= 0 else 0
 
 
 def _chunks(bodies: Sequence[bytes]) -> Iterator[Sequence[bytes]]:

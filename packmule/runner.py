@@ -11,6 +11,7 @@ aggregate becomes a job, parked in beanstalkd until etcd decides it fires.
 from __future__ import annotations
 
 import functools
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from packmule import aggregate, leftovers, markers, resume, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
-from packmule.envelope import BodyTemplate, Envelope, check_args, dumps, encode_args
+from packmule.envelope import BodyTemplate, Envelope, check_args, dumps, encode_args, stamp
 from packmule.errors import (
     ConfigurationError,
     EnqueueError,
@@ -40,7 +41,7 @@ from packmule.queue import PARK_SECONDS, Queue
 from packmule.runs import RunRecord
 
 _OPTIONS = ("record_return_values", "push_progress_updates", "time_to_run", "priority", "tube",
-            "max_retries", "halt_on_data_loss")
+            "max_retries", "halt_on_data_loss", "time_limit")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class Runner:
         max_retries: retries of a raising job before it fails (default: settings).
         halt_on_data_loss: raise ResultMissing when memcached lost a value;
             False passes ``packmule.MISSING`` in its place and counts it.
+        time_limit: seconds a job may run; past it, its process is killed and
+            the job fails like a raising job (retries apply). Each job then
+            runs in a process of its own, forked per job (see packmule.limits).
     """
 
     record_return_values: ClassVar[bool] = True
@@ -80,6 +84,7 @@ class Runner:
     tube: ClassVar[str | None] = None
     max_retries: ClassVar[int | None] = None
     halt_on_data_loss: ClassVar[bool] = True
+    time_limit: ClassVar[float | None] = None
 
     def __init__(self, name: str = "default", **options: Any) -> None:
         if not isinstance(name, str) or not name or len(name) > 200 or "\n" in name:
@@ -109,6 +114,10 @@ class Runner:
         if ttr is not None and (isinstance(ttr, bool) or not isinstance(ttr, int | float)
                                 or ttr < 2):
             raise ConfigurationError(f"{name}.time_to_run: {ttr!r} is not a number of seconds >= 2")
+        limit = self.time_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)
+                                  or not 0 < limit < 2**31):
+            raise ConfigurationError(f"{name}.time_limit: {limit!r} is not a number of seconds > 0")
         retries = self.max_retries
         if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
                                     or retries < 0):
@@ -200,7 +209,7 @@ class Runner:
         stored: list[int] = []
         try:
             template = self._template(context, batch, method, tube)
-            by_server = _by_server(queue, template, first, encoded)
+            by_server = _by_server(queue, template, first, encoded, stamp(time.time()))
             for index, bodies in by_server.items():
                 _check_size(queue, index, method, max(map(len, bodies)))
             ttr = self._ttr()
@@ -231,7 +240,7 @@ class Runner:
               **extra: Any) -> tuple[int, bytes]:
         """One job's body and the pool index of its server; JobTooBig before anything is put."""
         template = self._template(context, batch, method, self.tube_name, **extra)
-        body = template.body(number, encode_args(method, args))
+        body = template.body(number, encode_args(method, args), stamp(time.time()))
         queue = context.scope.backends.queue
         index = queue.server_for(number)
         _check_size(queue, index, method, len(body))
@@ -484,11 +493,12 @@ _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
 
 
 def _by_server(queue: Queue, template: BodyTemplate, first: int,
-               encoded: list[bytes]) -> dict[int, list[bytes]]:
+               encoded: list[bytes], enqueued: bytes) -> dict[int, list[bytes]]:
     """The bodies of jobs ``first``, ``first + 1``... grouped by pool index, each in order."""
     by_server: dict[int, list[bytes]] = {}
     for number, args in enumerate(encoded, first):
-        by_server.setdefault(queue.server_for(number), []).append(template.body(number, args))
+        by_server.setdefault(queue.server_for(number), []).append(
+            template.body(number, args, enqueued))
     return by_server
 
 

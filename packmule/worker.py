@@ -10,6 +10,12 @@ KeyboardInterrupt included: the worker's own signals never raise), and
 whatever fails while handling it (a value no server or JSON takes, an
 error path that raises), the job is failed, buried and logged. Only an
 outage (a server unreachable or silent) leaves a job to be handed out again.
+
+Each job is logged at INFO once handled, one line with its run, job,
+method, duration, outcome and attempt (structured: see packmule.logs), and
+counted in the worker's metrics when they are served (packmule.metrics). A
+runner with a ``time_limit`` has its jobs run in processes of their own
+(packmule.limits).
 """
 
 from __future__ import annotations
@@ -22,25 +28,28 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import greenstalk
 
-from packmule import execution, leftovers, runs
+from packmule import execution, leftovers, limits, runs
 from packmule.backends import backends
 from packmule.config import Settings, format_address, settings
 from packmule.envelope import Envelope, decode
 from packmule.errors import (
     EncodeError,
     JobCancelled,
+    JobStopped,
     PackmuleError,
     ServerError,
     ServerRefused,
     ServerUnavailable,
 )
+from packmule.forks import ForkServer
+from packmule.metrics import WorkerMetrics
 from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
 from packmule.registry import Heartbeat
 from packmule.retry import backoff_seconds
@@ -49,6 +58,20 @@ log = logging.getLogger("packmule.worker")
 # A job naming a runner this worker cannot load goes back this many times
 # (for a worker that can) before it fails its run.
 UNRUNNABLE_RESERVES = 3
+
+# How a job's handling ended, as the log line and the metrics name it.
+DONE, HANDLED, RETRIED, FAILED = "done", "handled", "retried", "failed"
+CANCELLED, PARKED, UNRUNNABLE, CORRUPT = "cancelled", "parked", "unrunnable", "corrupt"
+
+
+@dataclass
+class _Finished:
+    """A job done: its delete, and its log line with its attempt, go with the next write."""
+
+    index: int
+    job_id: int
+    envelope: Envelope
+    seconds: float
 
 
 @dataclass
@@ -95,6 +118,10 @@ class KeepAlive:
             with self._lock:
                 self._watched = None
 
+    def exclusive(self) -> AbstractContextManager[Any]:
+        """Hold off touches: for a command on the reserving connection while watching."""
+        return self._lock
+
     def _run(self) -> None:
         while True:
             time.sleep(self.TICK)
@@ -115,11 +142,25 @@ class KeepAlive:
             log.warning("keep-alive of job %s failed: %r", watched.job.id, err)
 
 
+class _Unwatched:
+    """The keep-alive of a job's own process: none, its worker keeps the job alive."""
+
+    def watching(self, *_args: Any) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
 class Worker:
-    """Reserves jobs from the tubes of every beanstalkd server of the pool."""
+    """Reserves jobs from the tubes of every beanstalkd server of the pool.
+
+    With ``metrics_address`` (host, port), serves its Prometheus metrics there.
+    """
 
     def __init__(self, *, imports: list[str], tubes: list[str], burst: bool = False,
-                 config: Settings | None = None) -> None:
+                 config: Settings | None = None,
+                 metrics_address: tuple[str, int] | None = None) -> None:
         self.settings = config or settings()
         self.allowed = frozenset(imports)
         self.tubes = tubes or [self.settings.tube]
@@ -127,16 +168,20 @@ class Worker:
         self.burst = burst
         self.stopping = False
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
-        self._keepalive = KeepAlive()
+        self._keepalive: KeepAlive | _Unwatched = KeepAlive()
         self._next = 0
-        # (server index, job id) of the last finished job: its delete is sent
-        # with the next reserve on that server (one write, one round trip).
-        self._finished: tuple[int, int] | None = None
+        # The last job done: its delete is sent with the next reserve on its
+        # server (one write, one round trip).
+        self._finished: _Finished | None = None
         self._index = 0  # pool index of the server the job in hand came from
+        self._attempt: int | None = None  # the job in hand's, once known
         # For the registry's heartbeat thread, which reads them: plain assignments per job.
         self._in_hand: tuple[Envelope, float] | None = None  # the job and when it started
         self.done = 0
         self.failed = 0
+        self._metrics_address = metrics_address
+        self.metrics = WorkerMetrics() if metrics_address else None
+        self._forks: ForkServer | None = None  # for jobs under a time limit, once running
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -144,6 +189,11 @@ class Worker:
             __import__(module)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        # Forked first: before this process opens a connection or starts a thread.
+        self._forks = ForkServer(limits.child_main(self._handle_in_child))
+        self._forks.start()
+        if self.metrics is not None and self._metrics_address is not None:
+            self.metrics.serve(self._metrics_address[1], self._metrics_address[0])
         log.info("worker %d watching %s on %s", os.getpid(), self.tubes, self._names)
         heartbeat = Heartbeat(self.settings, tubes=self.tubes, imports=sorted(self.allowed),
                               snapshot=self._snapshot)
@@ -152,6 +202,9 @@ class Worker:
             self._loop()
         finally:
             heartbeat.stop()
+            self._forks.stop()
+            log.info("worker %d stopped (%s): %d jobs done, %d failed", os.getpid(),
+                     "asked to" if self.stopping else "tubes empty", self.done, self.failed)
 
     def _snapshot(self) -> tuple[dict[str, Any] | None, int, int]:
         """The job in hand, jobs done and failed: what the registry's record shows."""
@@ -179,7 +232,9 @@ class Worker:
 
     def _close_clients(self) -> None:
         """Close the reserving connections (their reserved jobs go back to ready)."""
-        self._finished = None  # handed out again: its next execution finds it recorded
+        if self._finished is not None:  # handed out again: its next execution finds it recorded
+            self._report_finished(self._finished, 0)
+            self._finished = None
         for client in self._clients.values():
             with suppress(OSError):
                 client.close()
@@ -196,15 +251,41 @@ class Worker:
         if reserved is None:
             return False
         index, job = reserved
-        self._index = index
+        self._index, self._attempt = index, None
+        started = time.perf_counter()
         with naming(self._names[index], "job handling"):
             try:
-                if self._handle(self._clients[index], job):
-                    self._finished = (index, job.id)
-                    self.done += 1
+                outcome = self._handle(self._clients[index], job)
             finally:
-                self._in_hand = None
+                in_hand, self._in_hand = self._in_hand, None
+        seconds = time.perf_counter() - started
+        if in_hand is None:  # a corrupt job: logged as buried already
+            return True
+        if outcome == DONE:
+            self._finished = _Finished(index, job.id, in_hand[0], seconds)
+        else:
+            self._report(in_hand[0], outcome, seconds, self._attempt)
         return True
+
+    def _report(self, envelope: Envelope, outcome: str, seconds: float,
+                attempt: int | None) -> None:
+        """Count a handled job (registry, metrics) and log its line."""
+        if outcome in (DONE, HANDLED):
+            self.done += 1
+        elif outcome == FAILED:
+            self.failed += 1
+        if self.metrics is not None:
+            self.metrics.ended(envelope.runner, envelope.method, outcome, seconds)
+        if log.isEnabledFor(logging.INFO):
+            log.info("job %s %s() of run %s %s in %.3f s, attempt %s", envelope.job,
+                     envelope.method, envelope.run, outcome, seconds, attempt or "?",
+                     extra={"run": envelope.run, "job": envelope.job, "method": envelope.method,
+                            "runner": envelope.runner, "duration": round(seconds, 6),
+                            "outcome": outcome, "attempt": attempt})
+
+    def _report_finished(self, finished: _Finished, reserves: int) -> None:
+        """Report a job done once its delete was sent; ``reserves`` 0 if unknown."""
+        self._report(finished.envelope, DONE, finished.seconds, reserves or None)
 
     def _client(self, index: int) -> greenstalk.Client[bytes]:
         if index not in self._clients:
@@ -232,9 +313,11 @@ class Worker:
     def _reserve_on(self, index: int, timeout: int) -> greenstalk.Job[bytes] | None:
         """Reserve from server ``index``, sending the last finished job's delete along."""
         client = self._client(index)
-        if self._finished is not None and self._finished[0] == index:
-            job_id, self._finished = self._finished[1], None
-            return delete_then_reserve(client, job_id, timeout)
+        finished = self._finished
+        if finished is not None and finished.index == index:
+            self._finished = None
+            return delete_then_reserve(client, finished.job_id, timeout,
+                                       reserves=lambda count: self._report_finished(finished, count))
         self._delete_finished()
         try:
             return client.reserve(timeout=timeout)
@@ -243,15 +326,16 @@ class Worker:
 
     def _delete_finished(self) -> None:
         """Delete the last finished job on its own (stopping, or next reserve elsewhere)."""
-        if self._finished is None:
+        finished = self._finished
+        if finished is None:
             return
-        (index, job_id), self._finished = self._finished, None
-        with naming(self._names[index], "delete"), \
-                suppress(greenstalk.NotFoundError):
-            self._clients[index].delete(job_id)
+        self._finished = None
+        with naming(self._names[finished.index], "delete"):
+            delete_then_reserve(self._clients[finished.index], finished.job_id, None,
+                                reserves=lambda count: self._report_finished(finished, count))
 
-    def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> bool:
-        """Handle one job; True if it finished and is left for the loop to delete.
+    def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> str:
+        """Handle one job; how it ended (DONE: it is left for the loop to delete).
 
         Only an outage leaves by an exception: the loop then reconnects and
         the job is handed out again.
@@ -262,29 +346,45 @@ class Worker:
             # Not only DecodeError: json raises RecursionError on deep nesting.
             log.error("burying job %s: %s: %s", job.id, type(err).__name__, err)
             client.bury(job)
-            return False
+            return CORRUPT
         self._in_hand = (envelope, time.time())
+        if self.metrics is not None:
+            self.metrics.started(envelope)
         try:
             runner = execution.prepare(envelope, self.allowed)
         except ServerUnavailable:
             raise
         except BaseException as err:  # a runner this worker cannot run: another may
-            self._unrunnable(client, job, envelope, err)
-            return False
+            return self._unrunnable(client, job, envelope, err)
         try:
+            if runner.time_limit and self._forks is not None:
+                return self._execute_limited(client, job, runner, envelope)
             return self._execute(client, job, runner, envelope)
         except ServerUnavailable:
             raise
         except JobCancelled:  # the keep-alive's interruption can land just after the job ran
             client.delete(job)
+            return CANCELLED
         except BaseException as err:  # e.g. a value no server takes, an error path that raised
             # One job's trouble must not stop the worker (every worker would meet
             # the job in turn): fail it, so a waiting caller hears of it, and bury it.
             self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
-        return False
+            return FAILED
+
+    def _handle_in_child(self, client: Any, index: int,
+                         job: greenstalk.Job[bytes]) -> tuple[str, int | None]:
+        """Handle a job in its own process (packmule.limits); its outcome and attempt.
+
+        ``client`` stands in for the worker's reserving connection. This
+        process is a fork of the worker's fork server: its keep-alive,
+        metrics and job processes are the worker's, not its own.
+        """
+        self._forks, self._keepalive, self.metrics = None, _Unwatched(), None
+        self._index, self._attempt = index, None
+        return self._handle(client, job), self._attempt
 
     def _unrunnable(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                    envelope: Envelope, err: BaseException) -> None:
+                    envelope: Envelope, err: BaseException) -> str:
         """A job whose runner this worker cannot load: hand it back a few times, then fail it.
 
         Workers with other ``--import`` lists may share the tube (a rolling
@@ -294,26 +394,26 @@ class Worker:
         A job naming no run that exists (forged or stale) is only buried.
         """
         reason = f"{type(err).__name__}: {err}"
-        reserves = int(client.stats_job(job)["reserves"])
+        reserves = self._attempt = int(client.stats_job(job)["reserves"])
         if reserves < UNRUNNABLE_RESERVES:
             log.warning("job %s %s() of %s: this worker cannot run it (%s); handing it back "
                         "(%d/%d)", envelope.job, envelope.method, envelope.runner, reason,
                         reserves, UNRUNNABLE_RESERVES)
             client.release(job, delay=1)
-            return
+            return UNRUNNABLE
         recorded = execution.fail_unrunnable(envelope, reason)
         log.error("burying job %s %s() of %s%s: %s", envelope.job, envelope.method,
                   envelope.runner, "" if recorded else " (no such run)", reason)
         client.bury(job)
-        self.failed += 1
         if recorded:
             self._note_buried(job, envelope)
+        return FAILED
 
     def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                 runner: Any, envelope: Any) -> bool:
+                 runner: Any, envelope: Any) -> str:
         if execution.cancelled(runner):
             client.delete(job)
-            return False
+            return CANCELLED
         ttr = runner.time_to_run or self.settings.ttr_seconds
         try:
             # The keep-alive thread must use its own connections: backends() there.
@@ -322,47 +422,75 @@ class Worker:
                 result = execution.execute(runner, envelope)
         except JobCancelled:
             client.delete(job)
-            return False
+            return CANCELLED
         except ServerUnavailable:
             raise
         except BaseException as err:  # anything the job raised is the job's failure
-            self._on_job_error(client, job, runner, envelope, err)
-            return False
+            return self._on_job_error(client, job, runner, envelope, err)
         if isinstance(result, execution.Verdict):
             client.release(job, delay=PARK_SECONDS)
             if result.recheck and execution.recorded(runner, envelope):
                 # NOT_FOUND: the straggler's own kick came first; the job is ready already.
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)
-            return False
+            return PARKED
         try:
             execution.record(runner, envelope, result)
         except (EncodeError, ServerRefused) as err:  # the same value again would fail again
             self._bury_failed(client, job, runner, envelope, "its return value cannot be "
                               f"recorded: {type(err).__name__}: {err}")
-            return False
-        return True
+            return FAILED
+        return DONE
+
+    def _execute_limited(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
+                         runner: Any, envelope: Envelope) -> str:
+        """Run the job in a process of its own, killed past ``runner.time_limit``.
+
+        This thread serves that process's commands on the reserving connection
+        while the keep-alive touches the job: the process may hold its own GIL
+        in C code for as long as it likes. A job stopped at its limit, or whose
+        process died, fails like a job that raised (retries apply).
+        """
+        assert self._forks is not None
+        ttr = runner.time_to_run or self.settings.ttr_seconds
+        what = f"job {envelope.job} {envelope.method}() of run {envelope.run}"
+        try:
+            with self._keepalive.watching(
+                    client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease)):
+                ended = limits.run_limited(self._forks, client, job, index=self._index,
+                                           limit=runner.time_limit, what=what,
+                                           exclusive=self._keepalive.exclusive)
+        except JobStopped as err:
+            return self._on_job_error(client, job, runner, envelope, err)
+        self._attempt = ended.attempt
+        return ended.outcome
 
     def _on_job_error(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                      runner: Any, envelope: Any, err: BaseException) -> None:
+                      runner: Any, envelope: Any, err: BaseException) -> str:
         """Retry the job later; else let ``handle_error`` supply its value; else bury it.
 
         A server's refusal is not retried: the same request would be refused again.
         """
-        attempts = int(client.stats_job(job)["reserves"])
+        attempts = self._attempt = int(client.stats_job(job)["reserves"])
         limit = self.settings.max_retries if runner.max_retries is None else runner.max_retries
+        fields = {"run": envelope.run, "job": envelope.job, "method": envelope.method,
+                  "runner": envelope.runner, "attempt": attempts}
         if attempts <= limit and not isinstance(err, ServerRefused):
             pause = backoff_seconds(attempts, base=self.settings.retry_base_seconds,
                                     cap=self.settings.retry_max_seconds)
             log.warning("job %s %s() of run %s raised %r; retry %d/%d in %.1f s", envelope.job,
-                        envelope.method, envelope.run, err, attempts, limit, pause)
+                        envelope.method, envelope.run, err, attempts, limit, pause,
+                        extra={**fields, "error": repr(err), "retry_in": round(pause, 3)})
             client.release(job, delay=math.ceil(pause))
-            return
+            return RETRIED
         if execution.handle(runner, envelope, err):
+            log.info("job %s %s() of run %s raised %r; handle_error supplied its value",
+                     envelope.job, envelope.method, envelope.run, err,
+                     extra={**fields, "error": repr(err)})
             client.delete(job)
-            self.done += 1
-            return
+            return HANDLED
         self._bury_failed(client, job, runner, envelope, execution.user_traceback(err))
+        return FAILED
 
     def _bury_failed(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                      runner: Any, envelope: Any, text: str) -> None:
@@ -374,7 +502,9 @@ class Worker:
         handed out again.
         """
         log.error("job %s %s() of run %s failed for good, burying:\n%s", envelope.job,
-                  envelope.method, envelope.run, text)
+                  envelope.method, envelope.run, text,
+                  extra={"run": envelope.run, "job": envelope.job, "method": envelope.method,
+                         "runner": envelope.runner, "attempt": self._attempt})
         try:
             execution.fail(runner, envelope, text)
         except ServerUnavailable:
@@ -383,7 +513,6 @@ class Worker:
             log.error("job %s %s(): recording its failure failed too: %s: %s", envelope.job,
                       envelope.method, type(second).__name__, second)
         client.bury(job)
-        self.failed += 1
         self._note_buried(job, envelope)
 
     def _note_buried(self, job: greenstalk.Job[bytes], envelope: Envelope) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -56,39 +57,78 @@ class Broken(Runner):
         return sum(values)
 
 
-class Limited(Runner):
-    """Jobs under a hard time limit: ``nap`` sleeps, ``spin`` holds the GIL in a regex."""
+class Echo(Runner):
+    """``count`` jobs returning their input; their sum (the aggregate runs in the caller)."""
 
-    time_limit = 2.0
-    time_to_run = 2
+    def run(self, count: int = 5) -> Any:
+        return self.deferred_result("total", self.enqueue_each("echo", range(count)))
+
+    def echo(self, value: int) -> int:
+        return value
+
+    def total(self, values: list[int]) -> int:
+        return sum(values)
+
+
+class Limited(Runner):
+    """Jobs under a hard time limit of 2 s, retried once."""
+
+    time_limit = 2
     max_retries = 1
 
-    def run(self, seconds: float, method: str = "nap") -> Any:
-        return self.deferred_result("total", [self.enqueue(method, seconds)])
+    def run(self, seconds: float) -> Any:
+        return self.deferred_result("first", [self.enqueue("nap", seconds)])
 
     def nap(self, seconds: float) -> float:
+        _count("PACKMULE_TEST_EXEC_FILE")
         time.sleep(seconds)
         return seconds
 
-    def spin(self, seconds: float) -> float:
-        """A catastrophic regex: the GIL is held in C code for ``seconds`` or so."""
-        _count("PACKMULE_TEST_EXEC_FILE")
-        started = time.monotonic()
-        size = 1
-        while time.monotonic() - started < seconds:
-            re.match(r"(a+)+$", "a" * size + "b")  # doubles in time with each extra "a"
-            size += 1
-        return seconds
+    def fan(self, count: int) -> Any:
+        """Fans out from the job's own process and defers the sum there (etcd included)."""
+        return self.deferred_result("total", self.enqueue_each("nap", [0.0] * count))
 
-    def fan(self, count: int) -> list[int]:
-        """Enqueues ``count`` jobs from the job's own process and defers their values."""
-        return self.deferred_result("gather", self.enqueue_each("nap", [0.0] * count))
+    def total(self, values: list[float]) -> float:
+        return float(len(values))
 
-    def gather(self, values: list[float]) -> float:
-        return sum(values)
-
-    def total(self, values: list[Any]) -> Any:
+    def first(self, values: list[Any]) -> Any:
         return values[0]
+
+
+class LimitedFan(Limited):
+    """A run_async whose root and fan-out jobs all run in processes of their own."""
+
+    def run(self, count: int) -> Any:  # type: ignore[override]
+        return self.enqueue("fan", count)
+
+
+class Spinner(Runner):
+    """A job holding its GIL in a regex longer than its time-to-run, under a generous limit."""
+
+    time_limit = 60
+    time_to_run = 2
+
+    def run(self, seconds: float) -> Any:
+        return self.deferred_result("first", [self.enqueue("spin", seconds)])
+
+    def spin(self, seconds: float) -> float:
+        """One catastrophic regex match of about ``seconds`` (1 to 2 times), GIL held throughout."""
+        _count("PACKMULE_TEST_EXEC_FILE")
+        size, took = 12, 0.0
+        while took < 0.05:  # calibrate: each extra "a" doubles the time
+            size += 1
+            took = _match_seconds(size)
+        size += max(0, math.ceil(math.log2(seconds / took)))
+        return _match_seconds(size)
+
+    def first(self, values: list[Any]) -> Any:
+        return values[0]
+
+
+def _match_seconds(size: int) -> float:
+    started = time.monotonic()
+    re.match(r"(a+)+$", "a" * size + "b")
+    return time.monotonic() - started
 
 
 def _count(variable: str) -> None:
