@@ -185,7 +185,9 @@ def progress(runner: str | None, name: str, run_id: str | None, module: str | No
     summary = overview.progress(backends(), run)
     if summary is not None and watch:
         summary = _watch(run or "", summary, as_json)
-    if as_json:
+    if as_json and watch:  # JSON lines while watching, the last one too
+        click.echo(json.dumps(_progress_json(summary)))
+    elif as_json:
         _echo_json(_progress_json(summary))
     else:
         click.echo("unknown run" if summary is None else f"{summary.progress} {summary.state}")

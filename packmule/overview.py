@@ -257,7 +257,8 @@ def _state_keys(backends: Backends, run: str) -> list[str]:
     last = int(store.get(keys.sequence) or 0)
     numbers = aggregate_numbers(backends, run)
     descriptions = store.get_many([keys.aggregate(n) for n in numbers])
-    named = [keys.sequence, keys.cancelled, keys.buried, keys.batch_done("root"),
+    named = [keys.sequence, keys.cancelled, keys.buried, keys.batch("root"),
+             keys.batch_done("root"),
              *(getattr(keys, counter) for counter in COUNTERS),
              *(keys.sentinel(index) for index in range(len(store.names))),
              *(keys.parked(chunk) for chunk in range(last // leftovers.CHUNK + 1)),

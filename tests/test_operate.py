@@ -161,9 +161,11 @@ def test_progress_prints_counts_and_state_and_watches_to_the_end(
     assert cli_json("progress", "--run", "nosuchrun", code=1) == {
         "run": None, "state": "unknown", **dict.fromkeys(COUNT_KEYS, 0)}
 
-    Counted("watched").run_async(10, 0.1)
+    watched_run = Counted("watched").run_async(10, 0.1).run
     watched = cli("progress", "Counted", "watched", "--watch")
     assert watched.stdout.strip().splitlines()[-1] == "11 / 11 done"
+    lines = cli("progress", "--run", watched_run, "--watch", "--json").stdout.splitlines()
+    assert [json.loads(line)["state"] for line in lines] == ["done"]
     assert cli("progress", "Flaky", "bad", "--watch", code=1).stdout.strip() == expected
 
 

@@ -142,8 +142,9 @@ class Pages:
 
     async def run(self, request: Request) -> Response:
         run = request.path_params["run"]
+        count = request.query_params.get("n", "0")
         said = SAID.get(request.query_params.get("said", ""), "").format(
-            n=int(request.query_params.get("n", "0") or 0))
+            n=int(count) if count.isdigit() else 0)
         return await self._read(request, "run.html", self._detail(run), {"run": run, "said": said})
 
     async def run_body(self, request: Request) -> Response:

@@ -67,8 +67,9 @@ class Guard:
         """
         site = request.headers.get("sec-fetch-site", "same-origin")
         origin = request.headers.get("origin")
-        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-        if site not in ("same-origin", "none") or (origin is not None and origin != own):
+        # The host only: behind a TLS proxy the scheme the browser saw is not ours.
+        if site not in ("same-origin", "none") or (
+                origin is not None and urlsplit(origin).netloc != request.headers.get("host")):
             return None
         body = await request.body()
         form = {key: values[0] for key, values in parse_qs(body.decode(errors="replace")).items()}
