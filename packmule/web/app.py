@@ -68,8 +68,7 @@ def create_app(*, token: str = "") -> Starlette:
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware,
-                                                           dispatch=_guarding(guard))],
-                     max_body_size=64 * 1024)
+                                                           dispatch=_guarding(guard))])
 
 
 def _guarding(guard: Guard) -> Callable[[Request, Callable[[Request], Awaitable[Response]]],
