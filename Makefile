@@ -1,6 +1,7 @@
 # The whole set-up on a fresh Debian machine: `make demo`, `make test`.
 # Each first runs `install`, which adds only what is missing: the Debian
-# servers (beanstalkd, memcached, etcd-server) and a .venv with packmule.
+# servers (beanstalkd, memcached, etcd-server), chromium and its driver (the
+# dashboard's browser test) and a .venv with packmule, its dashboard and tools.
 # A second `install` does nothing and takes well under a second.
 
 SHELL := /bin/bash
@@ -41,12 +42,15 @@ install: system-packages $(STAMP)
 
 # Debian packages, only when a binary (or python3 with venv) is missing.
 # openssl: the tests make certificates for an etcd that serves TLS.
+# chromium and chromium-driver: the dashboard's test drives a real browser.
 system-packages:
 	@missing=""; \
 	$(FIND) beanstalkd >/dev/null || missing="$$missing beanstalkd"; \
 	$(FIND) memcached >/dev/null || missing="$$missing memcached"; \
 	$(FIND) etcd >/dev/null || missing="$$missing etcd-server"; \
 	$(FIND) openssl >/dev/null || missing="$$missing openssl"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	command -v python3 >/dev/null || missing="$$missing python3"; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
@@ -60,7 +64,7 @@ system-packages:
 
 $(STAMP):
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev,web]'
 	@rm -f $(VENV)/.installed*
 	@touch $@
 

@@ -370,13 +370,14 @@ def register_chain(scope: RunScope, batches: Batches, job: int, batch: str, ref:
 def register_aggregate(
     scope: RunScope, batches: Batches, deps: list[JobRef], *,
     park: Callable[[int, str], tuple[int, int]] | None, allow_failures: bool, halt: bool,
-    signature: str = "",
+    signature: str = "", method: str = "",
 ) -> tuple[JobRef, dict[str, Any]]:
     """Register an aggregate over ``deps``; its JobRef and the description stored.
 
     ``park`` puts the aggregate's job on beanstalkd in the delayed state and
     returns ``(server index, job id)``; without it the aggregate belongs to a
-    blocked caller, which the etcd marker wakes.
+    blocked caller, which the etcd marker wakes. ``method`` is for operators
+    (the run's tree of aggregates), as is the note of its number.
     """
     sizes = {ref.batch: batches.close(ref.batch) for ref in deps}
     number, own_batch = batches.reserve(1, signature)
@@ -386,12 +387,28 @@ def register_aggregate(
     else:
         server, job_id = park(number, own_batch) if park else (-1, 0)
     record = {"deps": as_ranges(ref.number for ref in deps), "batches": list(sizes),
-              "af": allow_failures, "halt": halt, "srv": server, "bid": job_id, "own": own_batch}
+              "af": allow_failures, "halt": halt, "srv": server, "bid": job_id, "own": own_batch,
+              "m": method, "k": len(deps)}
     store_description(scope, number, record)
+    note_aggregate(scope, number)
     for batch, size in sizes.items():
         add_waiter(scope, batch, size, ["a", number])
     try_fire(scope, number)
     return scope.ref(number, own_batch), record
+
+
+NOTE_CHUNK = 10_000  # aggregate numbers per note key: ~7 bytes each, far below 1 MB
+
+
+def note_aggregate(scope: RunScope, number: int) -> None:
+    """Note ``number`` among the run's aggregates, so operators can list them (packmule.tree).
+
+    Once per registration, never per job, and without waiting: a note lost
+    with memcached's state only hides the aggregate from the tree. A
+    registration run again notes it again; readers drop the repeat.
+    """
+    scope.backends.store.append_creating(scope.keys.aggregates(number // NOTE_CHUNK),
+                                         b"%d " % number)
 
 
 # Ranges of job numbers per memcached item of a long dependency list: at most

@@ -1,8 +1,11 @@
-"""The ``packmule`` command: workers, local servers, the demo, kick, progress."""
+"""The ``packmule`` command: workers, local servers, the demo; the operator's commands.
+
+The commands that read and steer runs (runs, show, progress, kick, cancel,
+purge, tubes, workers, web) live in :mod:`packmule.cli_ops`.
+"""
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -13,12 +16,12 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from packmule import leftovers, logs, runs
-from packmule.backends import backends
-from packmule.config import configure, settings
+from packmule import cli_ops, logs
+from packmule.config import configure
 
 
 @click.group()
+@click.version_option(package_name="packmule", prog_name="packmule")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="text", show_default=True, type=click.Choice(logs.FORMATS),
@@ -76,61 +79,12 @@ def servers(beanstalkd: int, memcached: int) -> None:
 
 
 @main.command()
-@click.option("--run", "run_id", default=None, metavar="ID",
-              help="Kick only this run's buried jobs (noted as they were buried).")
-@click.option("--tube", default=None, help="Tube (default: the configured one).")
-@click.option("--limit", default=1000, show_default=True, help="At most this many jobs per server.")
-def kick(run_id: str | None, tube: str | None, limit: int) -> None:
-    """Kick buried jobs back to ready, one by one (never the delayed aggregates)."""
-    if run_id is not None:
-        _known_run(run_id)
-        kicked = leftovers.kick_buried(backends(), run_id)
-        click.echo(f"run {run_id}: kicked {len(kicked)} buried job(s)")
-        return
-    queue = backends().queue
-    for index, name in enumerate(queue.names):
-        kicked_ids = queue.kick_buried(index, tube or settings().tube, limit)
-        click.echo(f"{name}: kicked {len(kicked_ids)} buried job(s)")
-
-
-@main.command()
-@click.option("--run", "run_id", required=True, metavar="ID", help="The ended run to clean up.")
-def purge(run_id: str) -> None:
-    """Remove what an ended run left in beanstalkd: its parked aggregates and buried jobs.
-
-    A failed run keeps them so a kick can resume it; purge it once you
-    give up on it. Its memcached keys expire on their own (state_ttl_seconds).
-    """
-    record = _known_run(run_id)
-    if record.state == "running":
-        raise click.ClickException(f"run {run_id} is still running: cancel it first")
-    parked, buried = leftovers.remove_all(backends(), run_id)
-    click.echo(f"run {run_id} ({record.state}): removed {parked} parked and {buried} buried job(s)")
-
-
-def _known_run(run_id: str) -> runs.RunRecord:
-    """The record of run ``run_id``; a clear error if none is known."""
-    record = runs.read_run(backends(), run_id)
-    if record is None:
-        raise click.ClickException(f"unknown run {run_id!r} (never started, or its record expired)")
-    return record
-
-
-@main.command()
-@click.argument("runner")
-@click.argument("name", default="default")
-@click.option("--import", "module", required=True, help="Module defining RUNNER.")
-def progress(runner: str, name: str, module: str) -> None:
-    """Print the progress of the latest run of RUNNER (a class name) called NAME."""
-    sys.path.insert(0, os.getcwd())
-    cls = getattr(importlib.import_module(module), runner)
-    click.echo(str(cls(name).update_progress()))
-
-
-@main.command()
 @click.option("--naps", default=200, show_default=True, help="Snoozes to run.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
-def demo(naps: int, workers: int) -> None:
+@click.option("--web", "web_port", type=int, default=None, is_flag=False, flag_value=8080,
+              metavar="PORT", help="Serve the dashboard on PORT too (8080 if not given) and "
+              "keep everything up until Ctrl-C.")
+def demo(naps: int, workers: int, web_port: int | None) -> None:
     """Start local servers and workers, run SleepyRunner with a progress bar, stop all."""
     from packmule.servers import start_local_servers
 
@@ -143,9 +97,13 @@ def demo(naps: int, workers: int) -> None:
         procs = [subprocess.Popen([sys.executable, "-m", "packmule", "--log-level", "WARNING",
                                    "worker", "--import", "sleepy_runner"], env=env)
                  for _ in range(workers)]
+        if web_port is not None:
+            procs.append(subprocess.Popen([sys.executable, "-m", "packmule", "web", "--port",
+                                           str(web_port)], env=env))
         try:
             click.echo(f"servers: {local.env()}")
             _run_demo(examples, naps)
+            _offer_dashboard(web_port)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -155,6 +113,31 @@ def demo(naps: int, workers: int) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def _offer_dashboard(web_port: int | None) -> None:
+    """Say where the dashboard is (and wait for Ctrl-C), or how to start the demo with it."""
+    if web_port is None:
+        click.echo(f"to see the run in the dashboard: {_self_command()} demo --web  (servers, "
+                   "workers and the dashboard at http://127.0.0.1:8080/ stay up until Ctrl-C)")
+        return
+    click.echo(f"dashboard: http://127.0.0.1:{web_port}/  (Ctrl-C stops the demo)")
+    try:
+        while True:
+            time.sleep(3600)  # everything runs in the child processes until Ctrl-C
+    except KeyboardInterrupt:
+        click.echo("stopping")
+
+
+def _self_command() -> str:
+    """How this command was started, as a line to copy: ``.venv/bin/packmule`` or ``packmule``."""
+    path = Path(sys.argv[0])
+    if path.name != "packmule":
+        return "packmule"
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _run_demo(examples: Path, naps: int) -> None:
@@ -175,3 +158,7 @@ def _run_demo(examples: Path, naps: int) -> None:
             time.sleep(0.1)  # a display refresh rate, not a wait for completion
     click.echo(f"slept {runner.get_return_value()} s in total over {naps} jobs, "
                f"in {time.monotonic() - started:.2f} s of wall time")
+
+
+for _command in cli_ops.COMMANDS:
+    main.add_command(_command)

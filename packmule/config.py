@@ -115,6 +115,9 @@ class Settings:
     # take the certificate's common name as the user.
     etcd_user: str = ""
     etcd_password: Secret = Secret()
+    # The dashboard (`packmule web`) asks for this token when set; it must be set
+    # to listen beyond loopback. "" (the default): loopback only, no token.
+    web_token: Secret = Secret()
     # A worker's registry record lives on an etcd lease this long, refreshed every
     # third of it: a worker that died leaves `packmule workers` within this time.
     worker_ttl_seconds: int = 10
@@ -299,7 +302,7 @@ def configure(**changes: Any) -> Settings:
             changes[name] = parse_urls(f"PACKMULE_{name.upper()}", value)
             if name == "etcd" and "etcd_tls" not in changes:
                 changes["etcd_tls"] = tls_scheme("PACKMULE_ETCD", value)
-        if name in ("secret", "etcd_password"):
+        if name in ("secret", "etcd_password", "web_token"):
             changes[name] = Secret.of(value)
     _settings = _check(replace(settings(), **changes))
     return _settings

@@ -233,11 +233,19 @@ class Coordinator:
         The name is percent-encoded (``/`` included), so no name's prefix is
         another's; a class path (``module:QualName``) holds no ``/``.
         """
-        return f"{self.prefix}/runs/{runner}/{quote(name, safe='')}/"
+        return f"{self.runs_index()}{runner}/{quote(name, safe='')}/"
+
+    def runs_index(self) -> str:
+        """Prefix of the whole index: ``<class path>/<encoded name>/<run id>`` under it."""
+        return f"{self.prefix}/runs/"
 
     def marker_prefix(self, run: str, aggregate: int) -> str:
         """Prefix of one aggregate's markers (``fired``: its batches are all complete)."""
-        return f"{self.prefix}/r/{run}/a/{aggregate}/"
+        return f"{self.markers_prefix(run)}{aggregate}/"
+
+    def markers_prefix(self, run: str) -> str:
+        """Prefix of the markers of all of ``run``'s aggregates."""
+        return f"{self.prefix}/r/{run}/a/"
 
     def run_lost_key(self, run: str) -> str:
         """Written when memcached is found to have lost this run's state."""
@@ -312,6 +320,19 @@ class Coordinator:
         with self._naming("get"):
             return [meta.key.decode() for _, meta in self._client.get_prefix(
                 prefix, sort_order="ascend", sort_target="create", keys_only=True)]
+
+    def newest_values(self, prefix: str, *, limit: int,
+                      created_before: int = 0) -> list[tuple[str, bytes, int]]:
+        """Up to ``limit`` keys under ``prefix``, created last first: ``(key, value, create revision)``.
+
+        ``created_before`` (a create revision; 0: no bound) pages through a
+        long listing: pass the last revision of the previous page. For tools.
+        """
+        bound = {"max_create_revision": created_before - 1} if created_before else {}
+        with self._naming("get"):
+            return [(meta.key.decode(), bytes(value), int(meta.create_revision))
+                    for value, meta in self._client.get_prefix(
+                        prefix, sort_order="descend", sort_target="create", limit=limit, **bound)]
 
     def get_prefix(self, prefix: str) -> dict[str, bytes]:
         """Every key under ``prefix`` with its value."""

@@ -14,6 +14,10 @@ as they are made:
 
 Notes are best effort (written without waiting): a note lost with
 memcached's state only means a job an operator must remove by tube.
+
+The buried notes are also the run's index of failures (:func:`failures`):
+each names its job, whose outcome record holds the traceback, and its
+beanstalkd id, which says whether it is still buried.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 from packmule.backends import Backends
 from packmule.envelope import dumps, loads
+from packmule.outcome import Outcome
 from packmule.store import RunKeys
 
 CHUNK = 10_000  # aggregates per note key: ~12 bytes each, far below memcached's 1 MB
@@ -37,6 +42,27 @@ class Buried:
     job: int  # packmule's job number in the run
     method: str
     at: float  # when it was buried (epoch seconds)
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    """An entry of a run's index of failures: a job that failed for good, and where it stands.
+
+    Attributes:
+        job: packmule's job number in the run.
+        method: the job's method.
+        at: when it was buried (epoch seconds; the last time, if it failed again after a kick).
+        traceback: the text of its failure; "" once it succeeded, or if memcached lost its record.
+        state: ``buried`` (waits for a kick), ``kicked`` (back in the queue: ready, reserved
+            or delayed for a retry), ``done`` (it succeeded after a kick) or ``removed``
+            (gone from beanstalkd without a value: purged, or deleted by hand).
+    """
+
+    job: int
+    method: str
+    at: float
+    traceback: str
+    state: str
 
 
 def note_parked(backends: Backends, run: str, number: int, parked: tuple[int, int]) -> None:
@@ -70,6 +96,29 @@ def buried_jobs(backends: Backends, run: str) -> list[Buried]:
         note = loads(line)
         latest[note["job"]] = Buried(note["srv"], note["bid"], note["job"], note["m"], note["at"])
     return sorted(latest.values(), key=lambda buried: buried.at)
+
+
+def failures(backends: Backends, run: str, *, limit: int = 100) -> list[FailedJob]:
+    """The run's jobs that failed for good, oldest first (the latest ``limit``), without a tube scan.
+
+    Two memcached reads (the notes, then the jobs' outcome records, which
+    hold the tracebacks) and one beanstalkd ``stats-job`` per job not done.
+    """
+    buried = buried_jobs(backends, run)[-limit:] if limit > 0 else []
+    keys = RunKeys(backends.settings.namespace, run)
+    records = backends.store.get_many([keys.job(b.job) for b in buried])
+    return [_failed_job(backends, b, records.get(keys.job(b.job))) for b in buried]
+
+
+def _failed_job(backends: Backends, buried: Buried, record: bytes | None) -> FailedJob:
+    """Where one noted job stands: its outcome record first, else its state in beanstalkd."""
+    outcome = None if record is None else Outcome.decode(record)
+    if outcome is not None and outcome.ok:
+        return FailedJob(buried.job, buried.method, buried.at, "", "done")
+    state = backends.queue.job_state(buried.server, buried.job_id)
+    return FailedJob(buried.job, buried.method, buried.at,
+                     "" if outcome is None else outcome.traceback,
+                     "removed" if state is None else "buried" if state == "buried" else "kicked")
 
 
 def kick_buried(backends: Backends, run: str) -> list[Buried]:

@@ -349,6 +349,20 @@ class Queue:
         stats = self._retrying(index, "stats-tube", stats_tube)
         return {k: int(v) for k, v in stats.items() if isinstance(v, int | str) and str(v).isdigit()}
 
+    def tubes(self, index: int) -> list[str]:
+        """The tubes server ``index`` knows (``list-tubes``: those with jobs or watchers)."""
+        return sorted(self._retrying(index, "list-tubes", lambda client: client.tubes()))
+
+    def job_state(self, index: int, job_id: int) -> str | None:
+        """``ready``, ``reserved``, ``delayed`` or ``buried``; None if the job is gone."""
+        def state(client: greenstalk.Client[bytes]) -> str | None:
+            try:
+                return str(client.stats_job(job_id)["state"])
+            except greenstalk.NotFoundError:
+                return None
+
+        return self._retrying(index, "stats-job", state)
+
     def close(self) -> None:
         """Close every connection."""
         for index in list(self._clients):

@@ -285,7 +285,8 @@ class Runner:
             b"allow_failures" if allow_failures else b"")
         return aggregate.register_aggregate(
             context.scope, context.batches, deps, park=park,
-            allow_failures=allow_failures, halt=self.halt_on_data_loss, signature=signature)[0]
+            allow_failures=allow_failures, halt=self.halt_on_data_loss, signature=signature,
+            method=method)[0]
 
     def _defer_in_caller(self, context: Context, deps: list[JobRef], method: str,
                          args: tuple[Any, ...], park: Callable[[int, str], tuple[int, int]], *,
@@ -297,7 +298,7 @@ class Runner:
         """
         ref, record = aggregate.register_aggregate(
             context.scope, context.batches, deps, park=None,
-            allow_failures=allow_failures, halt=self.halt_on_data_loss)
+            allow_failures=allow_failures, halt=self.halt_on_data_loss, method=method)
 
         def hand_over() -> JobRef:
             parked = park(ref.number, record["own"])
@@ -321,7 +322,7 @@ class Runner:
         deps = self._check_refs(context, [ref])
         agg, record = aggregate.register_aggregate(
             context.scope, context.batches, deps, park=None, allow_failures=False,
-            halt=self.halt_on_data_loss)
+            halt=self.halt_on_data_loss, method="wait")
         return self._await(context, agg, record, lambda values: values[0], lambda: ref)
 
     def _await(self, context: Context, ref: JobRef, record: dict[str, Any],

@@ -24,10 +24,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import quote
 
 from packmule import leftovers
 from packmule.backends import Backends
@@ -137,6 +138,66 @@ def history(backends: Backends, runner: str, name: str) -> list[str]:
     return [key[len(prefix):] for key in backends.coord.keys_by_creation(prefix)]
 
 
+def recent(backends: Backends, *, states: Collection[str] = (), runner: str = "",
+           limit: int = 50) -> list[RunRecord]:
+    """The latest started runs, newest first: those in ``states`` (all if empty) of ``runner``.
+
+    ``runner`` is a class path or a bare class name (see :func:`runner_matches`).
+    Records are read in pages, newest first by etcd's creation revision
+    (a record keeps it through every transition, so it is the start order),
+    until ``limit`` match: O(runs read), for tools, never on a job's path.
+    States are as stored: a running run whose state memcached lost reads
+    ``running`` until a reader observes it (:func:`observe`).
+    """
+    coord, before = backends.coord, 0
+    found: list[RunRecord] = []
+    page = max(limit, 100)
+    while len(found) < limit:
+        batch = coord.newest_values(coord.run_key(""), limit=page, created_before=before)
+        for _, raw, _ in batch:
+            record = _decode(raw)
+            if (not states or record.state in states) and runner_matches(record.runner, runner):
+                found.append(record)
+        if len(batch) < page:
+            break
+        before = batch[-1][2]
+    return found[:limit]
+
+
+def count_states(backends: Backends) -> dict[str, int]:
+    """How many kept run records are in each state (as recorded): one listing, O(runs), for tools."""
+    found: dict[str, int] = {}
+    for raw in backends.coord.get_prefix(backends.coord.run_key("")).values():
+        state = str(loads(raw)["state"])
+        found[state] = found.get(state, 0) + 1
+    return found
+
+
+def runner_matches(path: str, wanted: str) -> bool:
+    """Whether class path ``path`` is ``wanted``: the same path, or its bare class name ("" matches all)."""
+    return not wanted or path == wanted or path.partition(":")[2] == wanted
+
+
+def runner_paths(backends: Backends, runner: str, name: str) -> list[str]:
+    """The class paths matching ``runner`` that have a known run named ``name``.
+
+    A class path (``module:QualName``) is returned as it is: a reader needs no
+    import. A bare class name is looked up in the index of runs (a keys-only
+    listing, O(runs)); two modules may hold a class of that name, so the
+    caller decides what to do with several.
+    """
+    if ":" in runner:
+        return [runner]
+    index = backends.coord.runs_index()
+    encoded = quote(name, safe="")
+    paths = set()
+    for key in backends.coord.keys_by_creation(index):
+        path, _, rest = key[len(index):].partition("/")
+        if runner_matches(path, runner) and rest.rpartition("/")[0] == encoded:
+            paths.add(path)
+    return sorted(paths)
+
+
 def observe(backends: Backends, run: str, *,
             missing: Callable[[], list[int] | None] | None = None,
             ) -> tuple[RunRecord | None, dict[str, int] | None]:
@@ -181,6 +242,18 @@ def counts(backends: Backends, run: str) -> dict[str, int] | None:
     return {names[key]: int(value) for key, value in found.items()}
 
 
+def counts_of(backends: Backends, run_ids: Collection[str]) -> dict[str, dict[str, int] | None]:
+    """The progress counters of several runs in one read per memcached server (see :func:`counts`)."""
+    namespace = backends.settings.namespace
+    names = {getattr(RunKeys(namespace, run), counter): (run, counter)
+             for run in run_ids for counter in COUNTERS}
+    found: dict[str, dict[str, int]] = {}
+    for key, value in backends.store.get_many(names).items():
+        run, counter = names[key]
+        found.setdefault(run, {})[counter] = int(value)
+    return {run: found[run] if "total" in found.get(run, {}) else None for run in run_ids}
+
+
 def finish(backends: Backends, run: str, outcome: Outcome, *,
            resumable: bool | None = None) -> bool:
     """Record how ``run`` ended; True if this call recorded it.
@@ -205,10 +278,13 @@ def cancel(backends: Backends, run: str) -> bool:
 
     Returns False if the run had already ended: its outcome stays, and no
     cancel flag is set. A cancelled run's flag is set again (it may have
-    failed to be written the first time).
+    failed to be written the first time). The counters at that moment are
+    kept in the record, so it reads ``4 / 15`` once memcached forgot the run.
     """
+    final = counts(backends, run) or {}
     now, changed = _transition(backends, run, lambda current: replace(
-        current, state="cancelled", finished=time.time()) if current.state == "running" else None)
+        current, state="cancelled", finished=time.time(), counts=final)
+        if current.state == "running" else None)
     if now is not None and now.state == "cancelled":
         backends.store.set(RunKeys(backends.settings.namespace, run).cancelled, b"1")
     return changed

@@ -120,6 +120,10 @@ class RunKeys:
         """Notes of the run's parked aggregate jobs, ``server:job`` each (see packmule.leftovers)."""
         return self._key("p", chunk)
 
+    def aggregates(self, chunk: int) -> str:
+        """Notes of the run's aggregate numbers, ``number `` each, by chunk (see packmule.tree)."""
+        return self._key("g", chunk)
+
     def aggregate_part(self, number: int, part: int) -> str:
         """Part ``part`` of a long dependency list of aggregate ``number``."""
         return self._key("ap", number, part)
@@ -342,6 +346,13 @@ class Store:
         """Remove ``key`` (from server ``index`` if given); True if it was there."""
         where = self.server_of(key) if index is None else index
         return bool(self._call(where, "delete", lambda c: c.delete(key, noreply=False)))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove ``keys`` (absent ones are fine), pipelined: one write per server and chunk."""
+        for index, group in self._by_server(keys).items():
+            for start in range(0, len(group), 5000):
+                chunk = group[start:start + 5000]
+                self._call(index, "delete", lambda c, k=chunk: c.delete_many(k, noreply=False))  # type: ignore[misc]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """Values of the present ``keys``: one round trip per server holding some."""

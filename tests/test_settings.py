@@ -33,7 +33,7 @@ def _other_value(name: str, default: Any) -> tuple[str, Any]:
         return "10.1.2.3:1234,10.1.2.4", (("10.1.2.3", 1234), ("10.1.2.4", default[0][1]))
     if isinstance(default, tuple):
         return "0.3,3", (0.3, 3.0)
-    if isinstance(default, Secret) and name == "etcd_password":  # one password, commas and all
+    if isinstance(default, Secret) and name != "secret":  # one password or token, commas and all
         return "pass,word", Secret(("pass,word",))
     if isinstance(default, Secret):  # comma-separated secrets, in order
         return "a-secret-of-24-chars-1,a-secret-of-24-chars-2", Secret(
