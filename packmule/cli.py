@@ -7,6 +7,7 @@ purge, tubes, workers, web) live in :mod:`packmule.cli_ops`.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -90,9 +91,12 @@ def demo(naps: int, workers: int, web_port: int | None) -> None:
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     with start_local_servers() as local:
-        os.environ.update(local.env())
+        # A fresh signing secret, shared with the demo's workers: jobs are signed, as they
+        # should be in production (README "Security").
+        os.environ.update(local.env(), PACKMULE_SECRET=secrets.token_hex(32))
         configure(beanstalkd=local.env()["PACKMULE_BEANSTALKD"],
-                  memcached=local.env()["PACKMULE_MEMCACHED"], etcd=local.env()["PACKMULE_ETCD"])
+                  memcached=local.env()["PACKMULE_MEMCACHED"], etcd=local.env()["PACKMULE_ETCD"],
+                  secret=os.environ["PACKMULE_SECRET"])
         env = {**os.environ, "PYTHONPATH": str(examples)}
         procs = [subprocess.Popen([sys.executable, "-m", "packmule", "--log-level", "WARNING",
                                    "worker", "--import", "sleepy_runner"], env=env)
