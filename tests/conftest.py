@@ -43,13 +43,20 @@ def isolated_settings(local: LocalServers) -> Iterator[dict[str, str]]:
     """
     namespace = f"t{uuid.uuid4().hex[:10]}"
     variables = {**local.env(), "PACKMULE_NAMESPACE": namespace}
+    with environment(variables):
+        packmule.configure(tube=namespace, health_check_seconds=(0.1, 0.5),
+                           retry_base_seconds=0.2, retry_max_seconds=1.0)
+        yield {**variables, "PACKMULE_TUBE": namespace, "PYTHONPATH": PYTHONPATH}
+
+
+@contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` in this process's environment, settings read afresh; all restored after."""
     saved = {k: os.environ.get(k) for k in variables}
     os.environ.update(variables)
     config.reset()
-    packmule.configure(tube=namespace, health_check_seconds=(0.1, 0.5),
-                       retry_base_seconds=0.2, retry_max_seconds=1.0)
     try:
-        yield {**variables, "PACKMULE_TUBE": namespace, "PYTHONPATH": PYTHONPATH}
+        yield
     finally:
         for key, value in saved.items():
             if value is None:

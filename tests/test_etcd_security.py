@@ -9,7 +9,6 @@ wrong ones: the certificate, the authentication, a permission, the address.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from pathlib import Path
 import etcd3
 import grpc
 import pytest
-from conftest import PYTHONPATH, Workers
+from conftest import PYTHONPATH, Workers, environment
 from etcd3 import etcdrpc
 from tls_files import make_ca, make_etcd_tls
 from trust_runners import Marked, Nested
@@ -77,18 +76,8 @@ def _settings(servers: LocalServers, namespace: str, **variables: str) -> Iterat
     """This process's settings for one test (restored after); yields a worker's variables."""
     variables = {**servers.env(), "PACKMULE_NAMESPACE": namespace, "PACKMULE_TUBE": namespace,
                  **variables}
-    saved = {key: os.environ.get(key) for key in variables}
-    os.environ.update(variables)
-    config.reset()
-    try:
+    with environment(variables):
         yield {**variables, "PYTHONPATH": PYTHONPATH}
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        config.reset()
 
 
 def _namespace(prefix: str = "ts") -> str:
