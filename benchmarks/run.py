@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -42,6 +43,7 @@ from pymemcache.client.base import Client as Memcache  # noqa: E402
 
 import packmule  # noqa: E402
 from packmule import config  # noqa: E402
+from packmule import runner as runner_module  # noqa: E402
 from packmule.backends import backends  # noqa: E402
 from packmule.servers import LocalServers, start_local_servers  # noqa: E402
 
@@ -63,12 +65,16 @@ class Plan:
     progress_big: int
     enqueue_reps: int
     memory_jobs: int
+    fairness_reps: int  # large runs alone, fair and flat priorities alternating
+    fairness_jobs: int  # the large run's size (alone, and with a small run started during it)
 
 
 FULL = Plan(sizes=((1_000, 5), (10_000, 3), (100_000, 1)), fanin_runs=25,
-            progress_reads=500, progress_big=100_000, enqueue_reps=3, memory_jobs=100_000)
+            progress_reads=500, progress_big=100_000, enqueue_reps=3, memory_jobs=100_000,
+            fairness_reps=5, fairness_jobs=20_000)
 QUICK = Plan(sizes=((1_000, 3), (10_000, 1)), fanin_runs=8, progress_reads=200,
-             progress_big=100_000, enqueue_reps=1, memory_jobs=20_000)
+             progress_big=100_000, enqueue_reps=1, memory_jobs=20_000,
+             fairness_reps=2, fairness_jobs=10_000)
 
 
 # Output --------------------------------------------------------------------------------
@@ -408,6 +414,71 @@ def producer_memory_child(count: int, mode: str) -> None:
     print(json.dumps({"rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}))
 
 
+# 6. Fairness between runs ---------------------------------------------------------------------
+@contextmanager
+def priorities(mode: str) -> Iterator[None]:
+    """``fair``: packmule's per-job priorities; ``flat``: every job of a level alike (FIFO).
+
+    Patched in this process only: the producer computes a job's priority as it puts it.
+    """
+    fair = runner_module.job_priority
+    if mode == "flat":
+        runner_module.job_priority = lambda level, number: level << runner_module.POSITION_BITS
+    try:
+        yield
+    finally:
+        runner_module.job_priority = fair
+
+
+def small_during_large(large: int, small: int = 20) -> tuple[float, int]:
+    """(wall time of a ``small``-job run() started while a ``large`` one is under way,
+    jobs of the large run still to do when the small one returned)."""
+    from bench_runners import Fanout
+
+    big = threading.Thread(target=lambda: Fanout("fair-large").run(large))
+    big.start()
+    reader = Fanout("fair-large")
+    while (progress := reader.update_progress()).state != "running" \
+            or progress.completed < large // 5:  # its enqueue_each is over by then
+        time.sleep(0.005)
+    started = time.perf_counter()
+    Fanout("fair-small").run(small)
+    wall = time.perf_counter() - started
+    progress = reader.update_progress()
+    big.join(timeout=600)
+    return wall, progress.total - progress.completed
+
+
+def bench_fairness(plan: Plan, worker_pids: list[int]) -> tuple[float, float]:
+    say(f"== 6. fairness: a large run alone (N={plan.fairness_jobs}), per-job priorities (fair) "
+        "vs one priority for all (flat), alternating; then a 20-job run started during it")
+    count = plan.fairness_jobs
+    walls: dict[str, list[float]] = {"fair": [], "flat": []}
+    meters = {mode: CpuMeter({"producer": [os.getpid()], "workers": worker_pids})
+              for mode in walls}
+    with deadline(1200, "fairness"):
+        for _ in range(plan.fairness_reps):
+            for mode, times in walls.items():
+                with priorities(mode):
+                    meters[mode].start()
+                    times.append(packmule_run(count))
+                    meters[mode].stop()
+        small = {}
+        for mode in walls:
+            with priorities(mode):
+                small[mode] = small_during_large(count)
+    fair, flat = (statistics.median(walls[mode]) for mode in ("fair", "flat"))
+    for mode, times in walls.items():
+        say(f"large run alone, {mode}: median {fmt_s(statistics.median(times))}  "
+            f"{count / statistics.median(times):7.0f} jobs/s  ({len(times)} runs: "
+            f"{', '.join(f'{t:.3f}' for t in times)})  cpu/job {meters[mode].line(count * len(times))}")
+    say(f"fairness costs the large run {(fair / flat - 1) * 100:+.1f}% wall time")
+    for mode, (wall, left) in small.items():
+        say(f"20-job run started during a large one, {mode}: {fmt_s(wall)}; "
+            f"the large run still had {left} of {count + 1} jobs to do when it returned")
+    return fair / flat, small["fair"][0]
+
+
 # Profiles ------------------------------------------------------------------------------------
 def collapse(raw: str, skip: Callable[[list[str]], bool]) -> tuple[Counter[str], Counter[str], int]:
     """Inclusive and self sample counts per function from py-spy's raw (collapsed) output."""
@@ -628,6 +699,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, under a minute")
     parser.add_argument("--profile", action="store_true", help="also profile a worker and enqueue")
+    parser.add_argument("--only", choices=["fairness"],
+                        help="run one section (with the plan of --quick or the full one)")
     parser.add_argument("--producer-memory", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-mode", default="rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -661,6 +734,11 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     with deadline(120, "warm-up"):  # imports, connections: before any clock
         floor.run(200)
         packmule_run(200)
+    if args.only == "fairness":
+        fairness, small_fair = bench_fairness(plan, [p.pid for p in workers])
+        say(f"{verdict(fairness <= 1.05)}  fairness costs a large run < 5%: "
+            f"{(fairness - 1) * 100:+.1f}% (a 20-job run started during it took {fmt_s(small_fair)})")
+        return 0
     times = bench_run_times(plan, floor, [p.pid for p in floor_workers],
                             [p.pid for p in workers])
     worker_rss = [rss_kb(p.pid) for p in workers]
@@ -682,6 +760,7 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     for label, sizes in (("packmule worker", worker_rss), ("floor worker", floor_rss)):
         say(f"{label:<16} VmRSS {', '.join(f'{r / 1024:.1f}' for r, _ in sizes)} MB  "
             f"(VmHWM {', '.join(f'{h / 1024:.1f}' for _, h in sizes)} MB)")
+    fairness, small_fair = bench_fairness(plan, [p.pid for p in workers])
     if args.profile:
         profile_enqueue_each(10_000)
         profile_fanin(env, procs, plan.fanin_runs)
@@ -702,6 +781,8 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     say(f"{verdict(growth <= 1.2)}  progress read at {plan.progress_big} within 1.2x of 1,000: "
         f"{growth:.2f}x")
     say(f"{verdict(each >= 2 * loop)}  enqueue_each >= 2x enqueue loop: {each / loop:.2f}x")
+    say(f"{verdict(fairness <= 1.05)}  fairness costs a large run < 5%: {(fairness - 1) * 100:+.1f}% "
+        f"(a 20-job run started during it took {fmt_s(small_fair)})")
     worst = max(r for r, _ in worker_rss) / 1024
     peak = max(h for _, h in worker_rss) / 1024
     say(f"{verdict(worst < 80)}  worker RSS < 80 MB: {worst:.1f} MB after the runs "

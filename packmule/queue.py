@@ -102,16 +102,16 @@ def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int,
     raise ConnectionError(f"unexpected reply to reserve: {reply!r}")
 
 
-def _chunks(bodies: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
-    """``bodies`` in order, in slices of about ``_CHUNK_BYTES`` or ``_CHUNK_JOBS``."""
+def _chunks(bodies: Sequence[bytes]) -> Iterator[slice]:
+    """Slices of ``bodies``, in order, of about ``_CHUNK_BYTES`` or ``_CHUNK_JOBS`` each."""
     start, size = 0, 0
     for end, body in enumerate(bodies, 1):
         size += len(body)
         if size >= _CHUNK_BYTES or end - start >= _CHUNK_JOBS:
-            yield bodies[start:end]
+            yield slice(start, end)
             start, size = end, 0
     if start < len(bodies):
-        yield bodies[start:]
+        yield slice(start, len(bodies))
 
 
 def connect(address: Address, timeout_seconds: float) -> greenstalk.Client[bytes]:
@@ -205,9 +205,12 @@ class Queue:
         self.put_many(index, tube, [body], priority=priority, delay=delay, ttr=ttr, stored=stored)
         return stored[0]
 
-    def put_many(self, index: int, tube: str, bodies: Sequence[bytes], *, priority: int,
-                 delay: float, ttr: float, stored: list[int]) -> None:
+    def put_many(self, index: int, tube: str, bodies: Sequence[bytes], *,
+                 priority: int | Sequence[int], delay: float, ttr: float,
+                 stored: list[int]) -> None:
         """Put ``bodies`` on server ``index`` in order, pipelined: one write per chunk.
+
+        ``priority`` is one for all, or one per body (see ``runner.job_priority``).
 
         A put per round trip costs a send, a wait and a receive per job; here a
         chunk of up to hundreds of puts goes out in one ``sendall`` and its
@@ -226,16 +229,18 @@ class Queue:
             ServerRefused: the server refused a job (out of memory, a bad command).
             QueueUnavailable: the server is unreachable, or draining.
         """
-        head = b"put %d %d %d " % (priority, int(delay), int(ttr))
-        for chunk in _chunks(bodies):
-            refusal = self._put_chunk(index, tube, head, chunk, stored)
+        priorities = [priority] * len(bodies) if isinstance(priority, int) else priority
+        tail = b" %d %d " % (int(delay), int(ttr))
+        for part in _chunks(bodies):
+            refusal = self._put_chunk(index, tube, tail, bodies[part], priorities[part], stored)
             if refusal is not None:
                 raise refusal
 
-    def _put_chunk(self, index: int, tube: str, head: bytes, chunk: Sequence[bytes],
-                   stored: list[int]) -> Exception | None:
+    def _put_chunk(self, index: int, tube: str, tail: bytes, chunk: Sequence[bytes],
+                   priorities: Sequence[int], stored: list[int]) -> Exception | None:
         """Send one chunk of puts in one write, read every reply; the first refusal, if any."""
-        payload = b"".join([b"%b%d\r\n%b\r\n" % (head, len(body), body) for body in chunk])
+        payload = b"".join([b"put %d%b%d\r\n%b\r\n" % (pri, tail, len(body), body)
+                            for pri, body in zip(priorities, chunk, strict=True)])
         refusal: Exception | None = None
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:

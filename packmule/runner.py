@@ -66,7 +66,9 @@ class Runner:
         record_return_values: store job values for aggregates (False: they get None).
         push_progress_updates: count completed and failed jobs for progress.
         time_to_run: beanstalkd time-to-run in seconds (default: settings).
-        priority: beanstalkd priority (lower runs first).
+        priority: the level of the runner's jobs, 0..255, lower first (default
+            128). Every job of a lower level goes before any of a higher one;
+            within a level, runs share the workers (see :func:`job_priority`).
         tube: beanstalkd tube (default: settings).
         max_retries: retries of a raising job before it fails (default: settings).
         halt_on_data_loss: raise ResultMissing when memcached lost a value;
@@ -76,7 +78,7 @@ class Runner:
     record_return_values: ClassVar[bool] = True
     push_progress_updates: ClassVar[bool] = True
     time_to_run: ClassVar[float | None] = None
-    priority: ClassVar[int] = 65536
+    priority: ClassVar[int] = 128
     tube: ClassVar[str | None] = None
     max_retries: ClassVar[int | None] = None
     halt_on_data_loss: ClassVar[bool] = True
@@ -114,8 +116,10 @@ class Runner:
                                     or retries < 0):
             raise ConfigurationError(f"{name}.max_retries: {retries!r} is not an int >= 0")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) \
-                or not 0 <= self.priority < 2**32:
-            raise ConfigurationError(f"{name}.priority: {self.priority!r} is not in 0..2**32-1")
+                or not 0 <= self.priority < PRIORITY_LEVELS:
+            raise ConfigurationError(
+                f"{name}.priority: {self.priority!r} is not a level in 0..{PRIORITY_LEVELS - 1} "
+                "(lower runs first; the job's position in its run is added below it)")
         if self.tube is not None and not isinstance(self.tube, str):
             raise ConfigurationError(f"{name}.tube: {self.tube!r} is not a string")
         check_tube(self.tube_name)
@@ -180,7 +184,8 @@ class Runner:
         """
         return self._enqueue_many(method, [(item, *args) for item in items])
 
-    def _enqueue_many(self, method: str, arg_lists: list[tuple[Any, ...]]) -> list[JobRef]:
+    def _enqueue_many(self, method: str, arg_lists: list[tuple[Any, ...]], *,
+                      delay: int = 0) -> list[JobRef]:
         """Encode, count, size-check and put these jobs; their JobRefs in input order.
 
         Each job's arguments are encoded once, before anything is counted (a
@@ -200,12 +205,12 @@ class Runner:
         stored: list[int] = []
         try:
             template = self._template(context, batch, method, tube)
-            by_server = _by_server(queue, template, first, encoded)
-            for index, bodies in by_server.items():
+            by_server = _by_server(queue, template, first, encoded, self.priority)
+            for index, (bodies, _) in by_server.items():
                 _check_size(queue, index, method, max(map(len, bodies)))
             ttr = self._ttr()
-            for index, bodies in by_server.items():
-                queue.put_many(index, tube, bodies, priority=self.priority, delay=0, ttr=ttr,
+            for index, (bodies, priorities) in by_server.items():
+                queue.put_many(index, tube, bodies, priority=priorities, delay=delay, ttr=ttr,
                                stored=stored)
         finally:
             _uncount(context, batch, len(encoded) - len(stored))
@@ -237,9 +242,13 @@ class Runner:
         _check_size(queue, index, method, len(body))
         return index, body
 
-    def _put(self, queue: Queue, index: int, body: bytes, *, delay: float) -> int:
-        return queue.put(index, self.tube_name, body, priority=self.priority, delay=delay,
-                         ttr=self._ttr())
+    def _put(self, queue: Queue, index: int, number: int, body: bytes, *, delay: float) -> int:
+        return queue.put(index, self.tube_name, body, priority=self._job_priority(number),
+                         delay=delay, ttr=self._ttr())
+
+    def _job_priority(self, number: int) -> int:
+        """beanstalkd priority of this runner's job ``number`` (see :func:`job_priority`)."""
+        return job_priority(self.priority, number)
 
     def _ttr(self) -> float:
         """beanstalkd time-to-run of this runner's jobs."""
@@ -264,7 +273,8 @@ class Runner:
 
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
-            parked = index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
+            parked = index, self._put(context.scope.backends.queue, index, number, body,
+                                      delay=PARK_SECONDS)
             leftovers.note_parked(context.scope.backends, context.scope.run, number, parked)
             return parked
 
@@ -346,7 +356,7 @@ class Runner:
         try:
             scope.backends.store.add(scope.keys.batch_done("root"), b"0")
             index, body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
-            self._put(scope.backends.queue, index, body, delay=0)
+            self._put(scope.backends.queue, index, ROOT_JOB, body, delay=0)
         except BaseException as err:  # the run never started: say so, not "running"
             runs.finish(scope.backends, scope.run, _failure(err), resumable=False)
             raise
@@ -466,13 +476,17 @@ class Runner:
 
 
 # (class, options) already checked: a worker builds a runner for every job.
-_CHECKED_OPTIONS: set[tuple[type, frozenset[tuple[str, Any]]]] = set()
+_CHECKED_OPTIONS: set[tuple[type, frozenset[tuple[str, type, Any]]]] = set()
 
 
-def _checked_key(cls: type, options: dict[str, Any]) -> tuple[type, frozenset[tuple[str, Any]]] | None:
-    """The key of these options in _CHECKED_OPTIONS; None if a value is unhashable (never cached)."""
+def _checked_key(cls: type,
+                 options: dict[str, Any]) -> tuple[type, frozenset[tuple[str, type, Any]]] | None:
+    """The key of these options in _CHECKED_OPTIONS; None if a value is unhashable (never cached).
+
+    Each value's type is part of the key: ``True == 1``, but ``priority=True`` is refused.
+    """
     try:
-        key = (cls, frozenset(options.items()))
+        key = (cls, frozenset((name, type(value), value) for name, value in options.items()))
         hash(key)
     except TypeError:
         return None
@@ -482,12 +496,35 @@ def _checked_key(cls: type, options: dict[str, Any]) -> tuple[type, frozenset[tu
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
 
 
-def _by_server(queue: Queue, template: BodyTemplate, first: int,
-               encoded: list[bytes]) -> dict[int, list[bytes]]:
-    """The bodies of jobs ``first``, ``first + 1``... grouped by pool index, each in order."""
-    by_server: dict[int, list[bytes]] = {}
+# A job's beanstalkd priority (32 bits, lower first) is its runner's level
+# above its position in its run: levels stay strictly ordered, and within a
+# level the runs sharing a tube interleave. Positions past 2**24 share the last.
+PRIORITY_LEVELS = 256
+POSITION_BITS = 24
+_LAST_POSITION = (1 << POSITION_BITS) - 1
+
+
+def job_priority(level: int, number: int) -> int:
+    """The beanstalkd priority of job ``number`` of a run whose runner has ``level``.
+
+    beanstalkd hands out the lowest priority first, and FIFO among equals.
+    With the job's number (its position in its run, 0 for a run_async root)
+    below the level, the k-th job of every run of a level goes before the
+    (k+1)-th of any: runs in step alternate, and a run started while another
+    is far ahead catches up with it instead of waiting behind its backlog.
+    Costs nothing per job: no state, no extra round trip.
+    """
+    return (level << POSITION_BITS) | min(number, _LAST_POSITION)
+
+
+def _by_server(queue: Queue, template: BodyTemplate, first: int, encoded: list[bytes],
+               level: int) -> dict[int, tuple[list[bytes], list[int]]]:
+    """The bodies of jobs ``first``, ``first + 1``... and their priorities, by pool index, in order."""
+    by_server: dict[int, tuple[list[bytes], list[int]]] = {}
     for number, args in enumerate(encoded, first):
-        by_server.setdefault(queue.server_for(number), []).append(template.body(number, args))
+        bodies, priorities = by_server.setdefault(queue.server_for(number), ([], []))
+        bodies.append(template.body(number, args))
+        priorities.append(job_priority(level, number))
     return by_server
 
 

@@ -265,17 +265,18 @@ class Worker:
         A job naming no run that exists (forged or stale) is only buried.
         """
         reason = f"{type(err).__name__}: {err}"
-        reserves = int(client.stats_job(job)["reserves"])
+        stats = client.stats_job(job)
+        reserves, priority = int(stats["reserves"]), int(stats["pri"])
         if reserves < UNRUNNABLE_RESERVES:
             log.warning("job %s %s() of %s: this worker cannot run it (%s); handing it back "
                         "(%d/%d)", envelope.job, envelope.method, envelope.runner, reason,
                         reserves, UNRUNNABLE_RESERVES)
-            client.release(job, delay=1)
+            client.release(job, priority=priority, delay=1)
             return
         recorded = execution.fail_unrunnable(envelope, reason)
         log.error("burying job %s %s() of %s%s: %s", envelope.job, envelope.method,
                   envelope.runner, "" if recorded else " (no such run)", reason)
-        client.bury(job)
+        client.bury(job, priority=priority)
 
     def _execute(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                  runner: Any, envelope: Any) -> bool:
@@ -297,7 +298,7 @@ class Worker:
             self._on_job_error(client, job, runner, envelope, err)
             return False
         if isinstance(result, execution.Verdict):
-            client.release(job, delay=PARK_SECONDS)
+            client.release(job, priority=runner._job_priority(envelope.job), delay=PARK_SECONDS)
             if result.recheck and execution.recorded(runner, envelope):
                 # NOT_FOUND: the straggler's own kick came first; the job is ready already.
                 with suppress(greenstalk.NotFoundError):
@@ -317,6 +318,7 @@ class Worker:
 
         A server's refusal is not retried: the same request would be refused again.
         """
+        # release and bury set a job's priority: each keeps the one it was put with.
         attempts = int(client.stats_job(job)["reserves"])
         limit = self.settings.max_retries if runner.max_retries is None else runner.max_retries
         if attempts <= limit and not isinstance(err, ServerRefused):
@@ -324,7 +326,8 @@ class Worker:
                                     cap=self.settings.retry_max_seconds)
             log.warning("job %s %s() of run %s raised %r; retry %d/%d in %.1f s", envelope.job,
                         envelope.method, envelope.run, err, attempts, limit, pause)
-            client.release(job, delay=math.ceil(pause))
+            client.release(job, priority=runner._job_priority(envelope.job),
+                           delay=math.ceil(pause))
             return
         if execution.handle(runner, envelope, err):
             client.delete(job)
@@ -349,4 +352,4 @@ class Worker:
         except BaseException as second:
             log.error("job %s %s(): recording its failure failed too: %s: %s", envelope.job,
                       envelope.method, type(second).__name__, second)
-        client.bury(job)
+        client.bury(job, priority=runner._job_priority(envelope.job))
