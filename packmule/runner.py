@@ -11,6 +11,7 @@ aggregate becomes a job, parked in beanstalkd until etcd decides it fires.
 from __future__ import annotations
 
 import functools
+import math
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -175,6 +176,24 @@ class Runner:
             QueueUnavailable, StoreUnavailable: naming the server.
         """
         return self._enqueue_many(method, [args])[0]
+
+    def enqueue_in(self, seconds: float, method: str, *args: Any) -> JobRef:
+        """Run ``self.method(*args)`` as a job no sooner than ``seconds`` from now; its JobRef.
+
+        beanstalkd holds the job delayed, in whole seconds (a fraction is
+        rounded up). It is counted in the run's progress at once, like any
+        job, so the run's total is right from the start and an aggregate over
+        it waits for it. Workers need not be running meanwhile.
+
+        Raises:
+            EnqueueError: ``seconds`` is not a number in 0..2**31-1 (nothing enqueued).
+            UnknownMethod, EncodeError, JobTooBig, QueueUnavailable: as `enqueue`.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                or not 0 <= seconds < PARK_SECONDS:
+            raise EnqueueError(f"enqueue_in({seconds!r}, {method!r}): the delay is not a number "
+                               f"of seconds in 0..{PARK_SECONDS - 1}")
+        return self._enqueue_many(method, [args], delay=math.ceil(seconds))[0]
 
     def enqueue_each(self, method: str, items: Iterable[Any], *args: Any) -> list[JobRef]:
         """One job ``self.method(item, *args)`` per item, counted as one batch.

@@ -7,12 +7,15 @@ large run is still to do.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Workers, wait_until
-from runners import Slow
-from scale_runners import Doomed, Logged
+from runners import Driven, Slow
+from scale_runners import Doomed, Later, Logged
 
 import packmule
 from packmule.backends import backends
@@ -70,3 +73,36 @@ def test_a_priority_outside_the_levels_names_the_range(env: dict[str, str]) -> N
     for bad in (-1, 256, 65536, True, "1"):
         with pytest.raises(packmule.ConfigurationError, match=r"priority.*0\.\.255"):
             Logged("bad", priority=bad)
+
+
+# Delayed jobs --------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_delayed_job_is_counted_at_once_and_runs_after_its_delay(
+        env: dict[str, str], workers: Workers) -> None:
+    workers.start("scale_runners", 2)
+    queue, tube = backends().queue, env["PACKMULE_TUBE"]
+    started = time.time()
+    thread = threading.Thread(target=lambda: values.append(Later("later").run(3, started)))
+    values: list[Any] = []
+    thread.start()
+    wait_until(lambda: Later("later").update_progress().completed == 1, timeout=20,
+               what="the job without delay to finish")
+    progress = Later("later").update_progress()
+    assert (progress.total, progress.state) == (3, "running")  # two jobs and the aggregate
+    assert queue.tube_stats(0, tube).get("current-jobs-delayed") == 1
+    thread.join(timeout=30)
+    labels_and_wait = values[0]
+    assert labels_and_wait[:2] == ["now", "later"]
+    assert labels_and_wait[2] >= 3, "the delayed job ran before its delay"
+    assert Later("later").update_progress().completed == 3
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan"), 2**31, "1", True])
+def test_a_bad_delay_is_refused_and_nothing_is_enqueued(env: dict[str, str],
+                                                        seconds: Any) -> None:
+    def enqueue(runner: packmule.Runner) -> None:
+        runner.enqueue_in(seconds, "echo", [1, 0])
+
+    with pytest.raises(packmule.EnqueueError, match="enqueue_in"):
+        Driven("bad-delay").run(enqueue)
+    assert Driven("bad-delay").update_progress().total == 0
