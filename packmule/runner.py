@@ -289,7 +289,15 @@ class Runner:
         check_args(method, args)
         context = self._current_context()
         deps = self._check_refs(context, jobs)
+        if context.job is None:
+            return self._defer_in_caller(context, deps, method, args,
+                                         self._parker(context, method, args),
+                                         allow_failures=allow_failures)
+        return self._defer_to_workers(context, deps, method, args, allow_failures=allow_failures)
 
+    def _parker(self, context: Context, method: str,
+                args: tuple[Any, ...]) -> Callable[[int, str], tuple[int, int]]:
+        """How to park the aggregate ``method(values, *args)`` as a delayed job until it fires."""
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
             parked = index, self._put(context.scope.backends.queue, index, number, body,
@@ -297,14 +305,19 @@ class Runner:
             leftovers.note_parked(context.scope.backends, context.scope.run, number, parked)
             return parked
 
-        if context.job is None:
-            return self._defer_in_caller(context, deps, method, args, park,
-                                         allow_failures=allow_failures)
+        return park
+
+    def _defer_to_workers(self, context: Context, deps: list[JobRef], method: str,
+                          args: tuple[Any, ...], *, allow_failures: bool) -> JobRef:
+        """Register the aggregate as a job parked until it fires; its JobRef at once.
+
+        What `deferred_result` does in a worker; a multi-step task does it from its caller.
+        """
         signature = aggregate.call_signature(
             method, encode_args(method, args), dumps(aggregate.as_ranges(ref.number for ref in deps)),
             b"allow_failures" if allow_failures else b"")
         return aggregate.register_aggregate(
-            context.scope, context.batches, deps, park=park,
+            context.scope, context.batches, deps, park=self._parker(context, method, args),
             allow_failures=allow_failures, halt=self.halt_on_data_loss, signature=signature)[0]
 
     def _defer_in_caller(self, context: Context, deps: list[JobRef], method: str,
@@ -441,6 +454,18 @@ class Runner:
             return None
         return record
 
+    @classmethod
+    def find_runs(cls, name: str = "default", *, limit: int = 10) -> list[RunRecord]:
+        """The records of the last ``limit`` runs started under ``name``, newest first.
+
+        Every run stays listed until its record expires, ``result_ttl_seconds``
+        after it ended. Lists the name's index (its keys only, O(runs kept)),
+        then reads each run listed (loss checked as by `find`).
+        """
+        ids = runs.history(backends(), cls.class_path(), name)[::-1][:max(0, limit)]
+        records = (runs.observe(backends(), run)[0] for run in ids)
+        return [record for record in records if record is not None]
+
     def get_return_value(self) -> Any:
         """The value of the latest started run.
 
@@ -452,6 +477,10 @@ class Runner:
         record = self.find(self.name)
         if record is None:
             raise UnknownRun(f"no run of {self.identity} is known")
+        return self._value_of(record)
+
+    def _value_of(self, record: RunRecord) -> Any:
+        """The value of the run ``record`` describes, or the error of how it stands."""
         if record.state == "running":
             raise ResultPending(f"run {record.run} of {record.identity} is still running")
         if record.state == "failed":
@@ -480,6 +509,14 @@ class Runner:
             return False
         leftovers.remove_parked(self._backends, run)
         return True
+
+    def _admit(self, method: str, args: list[Any], allowed: frozenset[str]) -> None:
+        """Refuse a job this worker must not run, beyond its method (DecodeError).
+
+        Called by a worker before the job runs, with its ``--import`` list. A
+        hook for packmule's own runners (a multi-step task checks the module
+        of the function a job names); a runner's own class was checked already.
+        """
 
     def handle_error(self, exc: BaseException, method: str, args: list[Any]) -> Any:
         """Override to supply a value for a job that kept failing.

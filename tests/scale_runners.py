@@ -63,3 +63,29 @@ class Later(Runner):
 
     def both(self, values: list[Any], started: float) -> list[Any]:
         return [label for label, _ in values] + [values[1][1] - started]
+
+
+# Multi-step task functions: plain module-level functions, allow-listed by --import scale_runners.
+def square(number: int) -> int:
+    _append(f"square {number}")
+    return number * number
+
+
+def broken_square(number: int, broken: int) -> int:
+    if number == broken:
+        raise ValueError(f"square of {number} is broken")
+    return number * number
+
+
+def first_step(values: list[int], label: str) -> list[Any]:
+    _append(f"step {label}")
+    return [sum(values), label]
+
+
+def then(previous: list[Any], label: str) -> list[Any]:
+    _append(f"step {label}")
+    return [*previous, label]
+
+
+def broken_step(previous: Any) -> Any:
+    raise RuntimeError("this step is broken")

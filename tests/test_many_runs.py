@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import Workers, wait_until
 from runners import Driven, Slow
+from runs_runners import Echo
 from scale_runners import Doomed, Later, Logged
 
 import packmule
@@ -106,3 +107,22 @@ def test_a_bad_delay_is_refused_and_nothing_is_enqueued(env: dict[str, str],
     with pytest.raises(packmule.EnqueueError, match="enqueue_in"):
         Driven("bad-delay").run(enqueue)
     assert Driven("bad-delay").update_progress().total == 0
+
+
+# Runs by id --------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_the_last_runs_of_a_name_stay_listed_and_reachable_by_id_until_their_ttl(
+        env: dict[str, str]) -> None:
+    packmule.configure(result_ttl_seconds=3)
+    for value in range(4):
+        assert Echo("listed").run(value) == value
+    records = Echo.find_runs("listed")
+    assert [record.value for record in records] == [3, 2, 1, 0]  # newest first
+    assert [record.value for record in Echo.find_runs("listed", limit=2)] == [3, 2]
+    for record in records:
+        by_id = Echo.find_run(record.run)
+        assert by_id is not None and (by_id.state, by_id.value) == ("done", record.value)
+    assert Echo.find_runs("other") == [] and Logged.find_runs("listed") == []
+    wait_until(lambda: Echo.find_runs("listed") == [], timeout=20,
+               what="the records to expire after their TTL")
+    assert Echo.find_run(records[0].run) is None
