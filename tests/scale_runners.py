@@ -72,7 +72,9 @@ def square(number: int) -> int:
 
 
 def broken_square(number: int, broken: int) -> int:
-    if number == broken:
+    """Fails for ``broken`` until the file named by ``PACKMULE_TEST_FIX_FILE`` exists."""
+    fix = os.environ.get("PACKMULE_TEST_FIX_FILE")
+    if number == broken and not (fix and os.path.exists(fix)):
         raise ValueError(f"square of {number} is broken")
     return number * number
 

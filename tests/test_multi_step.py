@@ -14,6 +14,7 @@ from scale_runners import Logged, broken_square, broken_step, first_step, square
 
 import packmule
 from packmule import MultiStepTask
+from packmule.backends import backends
 
 
 @pytest.fixture
@@ -149,3 +150,21 @@ def test_the_example(env: dict[str, str], workers: Workers) -> None:
 
     workers.start("multi_step", 2)
     assert multi_step.main() == "poems: 18 words"
+
+
+@pytest.mark.timeout(60)
+def test_kicking_the_buried_job_after_a_fix_resumes_the_task(
+        env: dict[str, str], workers: Workers, log: Path, tmp_path: Path) -> None:
+    fix = tmp_path / "fixed"
+    env["PACKMULE_TEST_FIX_FILE"] = str(fix)
+    workers.start("scale_runners", 2)
+    with MultiStepTask.create("kicked", max_retries=0) as task:
+        for number in range(4):
+            task.add_job(broken_square, number, 1)
+        task.add_finalization_job(first_step, "a")
+    assert _ended(task).progress().state == "failed"
+    fix.touch()
+    assert backends().queue.kick_buried(0, env["PACKMULE_TUBE"], 10) != []
+    wait_until(lambda: task.progress().state == "done", timeout=30, what="the task to resume")
+    assert task.get_return_value() == [0 + 1 + 4 + 9, "a"]
+    assert (task.completed_count, task.failed_count, task.total_job_count) == (5, 0, 5)
