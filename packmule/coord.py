@@ -46,6 +46,13 @@ _REFUSALS = frozenset({
 })
 
 
+# A member whose request failed as an outage (unreachable, "leader changed") is
+# passed over for this long, then asked again. python-etcd3's default, 300 s,
+# would leave a client that saw every member fail once (an election, a lost
+# quorum; any restart of a lone etcd) refusing to send anything for 5 minutes.
+MEMBER_RETRY_SECONDS = 1.0
+
+
 def _status(err: BaseException) -> tuple[grpc.StatusCode | None, str]:
     """The gRPC status code and details behind ``err``, if it carries one.
 
@@ -68,7 +75,8 @@ class Coordinator:
         self.names = ", ".join(format_address(a) for a in addresses)
         self.prefix = f"/{namespace}"
         self.round_trips = 0  # counted for tests of O(1) reads
-        endpoints = [etcd3.Endpoint(host, port, secure=False) for host, port in addresses]
+        endpoints = [etcd3.Endpoint(host, port, secure=False, time_retry=MEMBER_RETRY_SECONDS)
+                     for host, port in addresses]
         self._client = etcd3.MultiEndpointEtcd3Client(
             endpoints, timeout=timeout_seconds, failover=True
         )
@@ -87,7 +95,8 @@ class Coordinator:
         if code is not None and code in _REFUSALS:
             return ServerRefused(self.names, f"etcd refused {action} ({code.name}): {details}",
                                  reply=details)
-        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}")
+        said = f" ({code.name}: {details})" if code is not None else ""  # "leader changed"...
+        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {err!r}{said}")
 
     # Keys -----------------------------------------------------------------
     def run_key(self, run: str) -> str:

@@ -23,6 +23,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packmule.errors import ServerStartError
 
@@ -46,6 +47,8 @@ class _Server:
     peer_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
+    member: str = "default"  # an etcd member's name in its cluster
+    cluster: str = ""  # an etcd member's --initial-cluster: every member's name=peer URL
 
     @property
     def log(self) -> Path:
@@ -62,14 +65,16 @@ class LocalServers:
     for the life of the object: the restart helpers reuse the same port.
     """
 
-    def __init__(self, *, beanstalkd: int, memcached: int, workdir: Path | None) -> None:
-        if beanstalkd < 1 or memcached < 1:
+    def __init__(self, *, beanstalkd: int, memcached: int, etcd: int = 1,
+                 workdir: Path | None) -> None:
+        if beanstalkd < 1 or memcached < 1 or etcd < 1:
             raise ValueError("each pool needs at least one server")
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="packmule-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         home = self.workdir
-        self._etcd = _Server("etcd", home / "etcd")
+        self._etcd = [_Server("etcd", home / "etcd")] if etcd == 1 else [
+            _Server("etcd", home / f"etcd-{i}", member=f"m{i}") for i in range(etcd)]
         self._beanstalkd = [_Server("beanstalkd", home / f"beanstalkd-{i}") for i in range(beanstalkd)]
         self._memcached = [_Server("memcached", home / f"memcached-{i}") for i in range(memcached)]
         self._stopped = False
@@ -84,7 +89,7 @@ class LocalServers:
 
     @property
     def etcd_urls(self) -> list[str]:
-        return [f"etcd://{HOST}:{self._etcd.port}"]
+        return [f"etcd://{HOST}:{s.port}" for s in self._etcd]
 
     def env(self) -> dict[str, str]:
         """The ``PACKMULE_*`` variables a worker or demo needs to find these servers."""
@@ -109,7 +114,7 @@ class LocalServers:
         if self._stopped:
             return
         self._stopped = True
-        _terminate([self._etcd, *self._beanstalkd, *self._memcached])
+        _terminate([*self._etcd, *self._beanstalkd, *self._memcached])
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -131,13 +136,53 @@ class LocalServers:
         """
         self._restart(self._memcached[index])
 
+    def kill_server(self, kind: str, index: int = 0) -> None:
+        """Crash server ``index`` of ``kind`` (SIGKILL); it stays down until `start_server`."""
+        _terminate([self._pool(kind)[index]], signal.SIGKILL)
+
+    def start_server(self, kind: str, index: int = 0) -> None:
+        """Start a killed server again on its port, with its data (binlog, etcd member data).
+
+        An etcd member rejoins its cluster; it is ready once the cluster has a
+        leader again (a member alone of three waits for a second one).
+        """
+        server = self._pool(kind)[index]
+        if server.process is not None and server.process.poll() is None:
+            raise ServerStartError(f"{server.describe()} is running already")
+        self._restart(server)
+
+    def etcd_leader(self) -> int:
+        """The index of the etcd member that leads the cluster now (asked of a live member).
+
+        Raises:
+            ServerStartError: no live member knows a leader.
+        """
+        ids = {_etcd_status(s.port).get("header", {}).get("member_id"): index
+               for index, s in enumerate(self._etcd) if s.process is not None}
+        for server in self._etcd:
+            leader = _etcd_status(server.port).get("leader") if server.process else None
+            if leader in ids:
+                return ids[leader]
+        raise ServerStartError("no live etcd member knows a leader")
+
+    def _pool(self, kind: str) -> list[_Server]:
+        pools = {"beanstalkd": self._beanstalkd, "memcached": self._memcached, "etcd": self._etcd}
+        if kind not in pools:
+            raise ValueError(f"unknown server kind {kind!r}: one of {sorted(pools)}")
+        return pools[kind]
+
     def _start_all(self) -> None:
         # etcd is the slowest to become healthy: launch it first, wait for it last.
-        servers = [self._etcd, *self._beanstalkd, *self._memcached]
-        for server in servers:
+        # A cluster's members must know each other's ports before any starts.
+        cluster = len(self._etcd) > 1
+        if cluster:
+            _plan_cluster(self._etcd)
+        for server in self._etcd:
+            _launch(server, new_ports=not cluster)
+        for server in [*self._beanstalkd, *self._memcached]:
             _launch(server, new_ports=True)
-        for server in [*servers[1:], self._etcd]:
-            _finish(server, new_ports=True)
+        for server in [*self._beanstalkd, *self._memcached, *self._etcd]:
+            _finish(server, new_ports=server.kind != "etcd" or not cluster)
 
     def _restart(self, server: _Server) -> None:
         if self._stopped:
@@ -148,13 +193,14 @@ class LocalServers:
 
 
 def start_local_servers(
-    *, beanstalkd: int = 1, memcached: int = 1, workdir: Path | None = None
+    *, beanstalkd: int = 1, memcached: int = 1, etcd: int = 1, workdir: Path | None = None
 ) -> LocalServers:
-    """Start ``beanstalkd`` + ``memcached`` servers and one etcd, all ready.
+    """Start ``beanstalkd`` + ``memcached`` servers and an etcd cluster, all ready.
 
     Args:
         beanstalkd: how many beanstalkd servers (a pool), at least 1.
         memcached: how many memcached servers (a pool), at least 1.
+        etcd: how many etcd members (one cluster; 3 survives losing one), at least 1.
         workdir: folder for data and logs; a temporary one (removed by
             ``stop()``) when None. A reused folder replays old binlogs.
 
@@ -163,7 +209,8 @@ def start_local_servers(
             server exited or was not ready in time (with its log's tail).
             Servers already started are stopped first.
     """
-    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, workdir=workdir)
+    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, etcd=etcd,
+                           workdir=workdir)
     try:
         servers._start_all()
     except BaseException:
@@ -193,6 +240,15 @@ def main_foreground(beanstalkd: int, memcached: int) -> None:
             signal.signal(sig, handler)
 
 
+def _plan_cluster(members: list[_Server]) -> None:
+    """Give each etcd member its ports and the cluster's member list."""
+    for member in members:
+        member.port, member.peer_port = _free_port(), _free_port()
+    cluster = ",".join(f"{m.member}=http://{HOST}:{m.peer_port}" for m in members)
+    for member in members:
+        member.cluster = cluster
+
+
 def _free_port() -> int:
     # Racy by nature (the port is free only now): _finish retries on another.
     with socket.socket() as sock:
@@ -219,14 +275,18 @@ def _argv(server: _Server) -> list[str]:
         user = ["-u", "root"] if os.geteuid() == 0 else []
         return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M", "-m", "64", *user]
     client, peer = f"http://{HOST}:{port}", f"http://{HOST}:{server.peer_port}"
+    # One member on loopback: short raft ticks make it leader in ~0.1 s, not ~1 s.
+    # A cluster keeps etcd's defaults: on a busy machine, short ticks would make
+    # its members call elections whenever a heartbeat is late.
+    ticks = ["10", "100"] if not server.cluster else ["100", "1000"]
     return [
-        _binary("etcd"), "--name", "default", "--data-dir", str(folder / "data"),
+        _binary("etcd"), "--name", server.member, "--data-dir", str(folder / "data"),
         "--listen-client-urls", client, "--advertise-client-urls", client,
         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"default={peer}",
+        "--initial-cluster", server.cluster or f"{server.member}={peer}",
+        "--initial-cluster-token", f"packmule-{folder.parent.name}",
         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h",
-        # One member on loopback: short raft ticks make it leader in ~0.1 s, not ~1 s.
-        "--heartbeat-interval", "10", "--election-timeout", "100",
+        "--heartbeat-interval", ticks[0], "--election-timeout", ticks[1],
         "--logger", "zap", "--log-level", "error",
     ]  # fmt: skip
 
@@ -308,6 +368,19 @@ def _etcd_healthy(port: int) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(body, dict) and body.get("health") == "true"
+
+
+def _etcd_status(port: int) -> dict[str, Any]:
+    """A member's ``maintenance/status`` (its id and its leader's), or {} if it does not answer."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"http://{HOST}:{port}/v3/maintenance/status", data=b"{}",
+                                     method="POST")
+    try:
+        with opener.open(request, timeout=1.0) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _log_tail(server: _Server, size: int = 2000) -> str:

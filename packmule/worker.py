@@ -37,6 +37,7 @@ from packmule.errors import (
     EncodeError,
     JobCancelled,
     PackmuleError,
+    QueueUnavailable,
     ServerError,
     ServerRefused,
     ServerUnavailable,
@@ -131,6 +132,8 @@ class Worker:
         # (server index, job id) of the last finished job: its delete is sent
         # with the next reserve on that server (one write, one round trip).
         self._finished: tuple[int, int] | None = None
+        # Unreachable servers: index -> (failures in a row, when to try it again).
+        self._down: dict[int, tuple[int, float]] = {}
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -190,16 +193,44 @@ class Worker:
         return self._clients[index]
 
     def _reserve(self) -> tuple[int, greenstalk.Job[bytes]] | None:
+        """Reserve from the pool's servers in turn; None if none had a job within ~1 s.
+
+        A server that cannot be reached is skipped, and tried again after a
+        pause doubling up to 5 s: the worker goes on with the others. Only
+        when every server is down does the error reach the loop.
+        """
         servers = len(self.settings.beanstalkd)
-        for attempt in range(servers):
-            index = (self._next + attempt) % servers
-            timeout = 1 if attempt == servers - 1 else 0
-            with naming(self._names[index], "reserve"):
-                job = self._reserve_on(index, timeout)
+        order = [(self._next + attempt) % servers for attempt in range(servers)]
+        now = time.monotonic()
+        up = [index for index in order if self._down.get(index, (0, 0.0))[1] <= now] or order
+        for position, index in enumerate(up):
+            try:
+                with naming(self._names[index], "reserve"):
+                    job = self._reserve_on(index, 1 if position == len(up) - 1 else 0)
+            except QueueUnavailable as err:  # the server named: a delete sent along may fail
+                self._skip(self._names.index(err.address) if err.address in self._names
+                           else index, err)
+                continue
+            self._down.pop(index, None)
             if job is not None:
                 self._next = index + 1
                 return index, job
         return None
+
+    def _skip(self, index: int, err: QueueUnavailable) -> None:
+        """Leave server ``index`` aside for a while; raise ``err`` if every server is aside."""
+        failures = self._down.get(index, (0, 0.0))[0] + 1
+        pause = backoff_seconds(failures, base=0.5, cap=5.0)
+        self._down[index] = (failures, time.monotonic() + pause)
+        client = self._clients.pop(index, None)
+        if client is not None:
+            with suppress(OSError):
+                client.close()
+        if self._finished is not None and self._finished[0] == index:
+            self._finished = None  # handed out again: its next execution finds it recorded
+        if len(self._down) == len(self.settings.beanstalkd):
+            raise err
+        log.warning("%s; working with the other servers, trying it again in %.1f s", err, pause)
 
     def _reserve_on(self, index: int, timeout: int) -> greenstalk.Job[bytes] | None:
         """Reserve from server ``index``, sending the last finished job's delete along."""
