@@ -114,10 +114,15 @@ class BodyTemplate:
         self._head = head[:-1] + b',"job":'
         self._middle = b"," + middle[1:-1] + b',"args":'
         self._tail = b"," + tail[1:]
+        self._fixed = len(self._head) + len(self._middle) + len(self._tail)
 
     def body(self, number: int, args: bytes) -> bytes:
         """The body of job ``number``; ``args`` from :func:`encode_args`."""
         return b"%b%d%b%b%b" % (self._head, number, self._middle, args, self._tail)
+
+    def size(self, number: int, args: bytes) -> int:
+        """``len(self.body(number, args))``, without building the body."""
+        return self._fixed + len(str(number)) + len(args)
 
 
 _FIELD_TYPES = {

@@ -201,9 +201,9 @@ class Runner:
         Every job is encoded and checked before the first is put, and the whole
         batch is counted before the first can finish, so progress never goes back.
         """
-        return self._enqueue_many(method, [(item, *args) for item in items])
+        return self._enqueue_many(method, ((item, *args) for item in items))
 
-    def _enqueue_many(self, method: str, arg_lists: list[tuple[Any, ...]], *,
+    def _enqueue_many(self, method: str, arg_lists: Iterable[tuple[Any, ...]], *,
                       delay: int = 0) -> list[JobRef]:
         """Encode, count, size-check and put these jobs; their JobRefs in input order.
 
@@ -211,7 +211,9 @@ class Runner:
         bad value is refused with nothing to undo); the rest of the body is
         shared by the call. Every job is checked against its server's
         max-job-size before the first put, and the puts are pipelined per
-        server. Whatever was not put is uncounted.
+        server. Whatever was not put is uncounted. Only the encoded arguments
+        are kept for the whole call: bodies are built a chunk at a time as
+        they are sent, so a million jobs take tens of MB, not hundreds.
         """
         self._check_method(method)
         encoded = [encode_args(method, args) for args in arg_lists]
@@ -224,13 +226,15 @@ class Runner:
         stored: list[int] = []
         try:
             template = self._template(context, batch, method, tube)
-            by_server = _by_server(queue, template, first, encoded, self.priority)
-            for index, (bodies, _) in by_server.items():
-                _check_size(queue, index, method, max(map(len, bodies)))
+            servers = _by_server(queue, first, len(encoded))
+            for index, numbers in servers.items():
+                _check_size(queue, index, method,
+                            max(template.size(n, encoded[n - first]) for n in numbers))
             ttr = self._ttr()
-            for index, (bodies, priorities) in by_server.items():
-                queue.put_many(index, tube, bodies, priority=priorities, delay=delay, ttr=ttr,
-                               stored=stored)
+            for index, numbers in servers.items():
+                queue.put_many(index, tube, (template.body(n, encoded[n - first]) for n in numbers),
+                               priority=(job_priority(self.priority, n) for n in numbers),
+                               delay=delay, ttr=ttr, stored=stored)
         finally:
             _uncount(context, batch, len(encoded) - len(stored))
         return [context.scope.ref(number, batch) for number in range(first, first + len(encoded))]
@@ -573,15 +577,14 @@ def job_priority(level: int, number: int) -> int:
     return (level << POSITION_BITS) | min(number, _LAST_POSITION)
 
 
-def _by_server(queue: Queue, template: BodyTemplate, first: int, encoded: list[bytes],
-               level: int) -> dict[int, tuple[list[bytes], list[int]]]:
-    """The bodies of jobs ``first``, ``first + 1``... and their priorities, by pool index, in order."""
-    by_server: dict[int, tuple[list[bytes], list[int]]] = {}
-    for number, args in enumerate(encoded, first):
-        bodies, priorities = by_server.setdefault(queue.server_for(number), ([], []))
-        bodies.append(template.body(number, args))
-        priorities.append(job_priority(level, number))
-    return by_server
+def _by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
+    """The numbers of jobs ``first``... ``first + count - 1`` by pool index, each in order.
+
+    A job's server is its number modulo the pool's size (``Queue.server_for``).
+    """
+    servers = len(queue.names)
+    return {queue.server_for(start): range(start, first + count, servers)
+            for start in range(first, first + min(servers, count))}
 
 
 def _uncount(context: Context, batch: str, unput: int) -> None:

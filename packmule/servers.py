@@ -47,6 +47,7 @@ class _Server:
     peer_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
+    memory_mb: int = 64  # memcached's -m
     member: str = "default"  # an etcd member's name in its cluster
     cluster: str = ""  # an etcd member's --initial-cluster: every member's name=peer URL
 
@@ -66,7 +67,7 @@ class LocalServers:
     """
 
     def __init__(self, *, beanstalkd: int, memcached: int, etcd: int = 1,
-                 workdir: Path | None) -> None:
+                 workdir: Path | None, memcached_mb: int = 64) -> None:
         if beanstalkd < 1 or memcached < 1 or etcd < 1:
             raise ValueError("each pool needs at least one server")
         self._owns_workdir = workdir is None
@@ -76,7 +77,8 @@ class LocalServers:
         self._etcd = [_Server("etcd", home / "etcd")] if etcd == 1 else [
             _Server("etcd", home / f"etcd-{i}", member=f"m{i}") for i in range(etcd)]
         self._beanstalkd = [_Server("beanstalkd", home / f"beanstalkd-{i}") for i in range(beanstalkd)]
-        self._memcached = [_Server("memcached", home / f"memcached-{i}") for i in range(memcached)]
+        self._memcached = [_Server("memcached", home / f"memcached-{i}", memory_mb=memcached_mb)
+                           for i in range(memcached)]
         self._stopped = False
 
     @property
@@ -193,7 +195,8 @@ class LocalServers:
 
 
 def start_local_servers(
-    *, beanstalkd: int = 1, memcached: int = 1, etcd: int = 1, workdir: Path | None = None
+    *, beanstalkd: int = 1, memcached: int = 1, etcd: int = 1, workdir: Path | None = None,
+    memcached_mb: int = 64,
 ) -> LocalServers:
     """Start ``beanstalkd`` + ``memcached`` servers and an etcd cluster, all ready.
 
@@ -203,6 +206,8 @@ def start_local_servers(
         etcd: how many etcd members (one cluster; 3 survives losing one), at least 1.
         workdir: folder for data and logs; a temporary one (removed by
             ``stop()``) when None. A reused folder replays old binlogs.
+        memcached_mb: each memcached's memory (``-m``); it refuses writes
+            when full (``-M``), never evicts.
 
     Raises:
         ServerStartError: a binary is missing (names the Debian package), or a
@@ -210,7 +215,7 @@ def start_local_servers(
             Servers already started are stopped first.
     """
     servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, etcd=etcd,
-                           workdir=workdir)
+                           workdir=workdir, memcached_mb=memcached_mb)
     try:
         servers._start_all()
     except BaseException:
@@ -273,7 +278,8 @@ def _argv(server: _Server) -> list[str]:
     if server.kind == "memcached":
         # -M: refuse writes when full instead of evicting; as root it must be told a user.
         user = ["-u", "root"] if os.geteuid() == 0 else []
-        return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M", "-m", "64", *user]
+        return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M",
+                "-m", str(server.memory_mb), *user]
     client, peer = f"http://{HOST}:{port}", f"http://{HOST}:{server.peer_port}"
     # One member on loopback: short raft ticks make it leader in ~0.1 s, not ~1 s.
     # A cluster keeps etcd's defaults: on a busy machine, short ticks would make
