@@ -4,6 +4,8 @@
     python benchmarks/run.py --quick    # fewer repetitions, no 100k run(): under a minute
     python benchmarks/run.py --profile  # also: py-spy on a worker during a 10k run,
                                         # cProfile of enqueue_each in the producer
+    python benchmarks/run.py --only fairness  # section 6 alone
+    python benchmarks/run.py --scale [N]      # alone: runs of N/10 and N jobs (N = 1,000,000)
 
 Every figure is the median of several repetitions (the count is printed).
 Targets print PASS or MISS; a MISS never fails the command (exit 0), only
