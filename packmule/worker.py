@@ -10,6 +10,10 @@ KeyboardInterrupt included: the worker's own signals never raise), and
 whatever fails while handling it (a value no server or JSON takes, an
 error path that raises), the job is failed, buried and logged. Only an
 outage (a server unreachable or silent) leaves a job to be handed out again.
+
+beanstalkd's release and bury set a job's priority anew: each passes the one
+the job was put with (``runner.job_priority``), so a retried, parked or
+buried-then-kicked job keeps its level and its place among runs.
 """
 
 from __future__ import annotations
@@ -349,7 +353,6 @@ class Worker:
 
         A server's refusal is not retried: the same request would be refused again.
         """
-        # release and bury set a job's priority: each keeps the one it was put with.
         attempts = int(client.stats_job(job)["reserves"])
         limit = self.settings.max_retries if runner.max_retries is None else runner.max_retries
         if attempts <= limit and not isinstance(err, ServerRefused):
