@@ -53,3 +53,15 @@ class FanInTrace(FanInClock):
 
     def lag(self, finished: list[float]) -> Any:
         return [time.time(), max(finished)]
+
+
+class Driven(Fanout):
+    """Calls the benchmark's function inside its ``run()``, where enqueue works.
+
+    packmule refuses an enqueue outside a run; the enqueue and progress
+    benchmarks put jobs on a tube no worker watches, from inside a run that
+    stays open while they measure.
+    """
+
+    def run(self, call: Any) -> Any:  # type: ignore[override]
+        return call(self)

@@ -4,6 +4,8 @@
     python benchmarks/run.py --quick    # fewer repetitions, no 100k run(): under a minute
     python benchmarks/run.py --profile  # also: py-spy on a worker during a 10k run,
                                         # cProfile of enqueue_each in the producer
+    python benchmarks/run.py --only fairness  # section 7 alone
+    python benchmarks/run.py --scale [N]      # alone: runs of N/10 and N jobs (N = 1,000,000)
 
 Every figure is the median of several repetitions (the count is printed).
 Targets print PASS or MISS; a MISS never fails the command (exit 0), only
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -32,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -42,6 +46,7 @@ from pymemcache.client.base import Client as Memcache  # noqa: E402
 
 import packmule  # noqa: E402
 from packmule import config  # noqa: E402
+from packmule import runner as runner_module  # noqa: E402
 from packmule.backends import backends  # noqa: E402
 from packmule.servers import LocalServers, start_local_servers  # noqa: E402
 
@@ -63,12 +68,16 @@ class Plan:
     progress_big: int
     enqueue_reps: int
     memory_jobs: int
+    fairness_reps: int  # large runs alone, fair and flat priorities alternating
+    fairness_jobs: int  # the large run's size (alone, and with a small run started during it)
 
 
 FULL = Plan(sizes=((1_000, 5), (10_000, 3), (100_000, 1)), fanin_runs=25,
-            progress_reads=500, progress_big=100_000, enqueue_reps=3, memory_jobs=100_000)
+            progress_reads=500, progress_big=100_000, enqueue_reps=3, memory_jobs=100_000,
+            fairness_reps=5, fairness_jobs=20_000)
 QUICK = Plan(sizes=((1_000, 3), (10_000, 1)), fanin_runs=8, progress_reads=200,
-             progress_big=100_000, enqueue_reps=1, memory_jobs=20_000)
+             progress_big=100_000, enqueue_reps=1, memory_jobs=20_000,
+             fairness_reps=2, fairness_jobs=10_000)
 
 
 # Output --------------------------------------------------------------------------------
@@ -316,55 +325,78 @@ def bench_fanin(plan: Plan) -> float:
 
 # 4. Progress reads -------------------------------------------------------------------------
 def bench_progress(plan: Plan) -> tuple[float, float]:
-    from bench_runners import Fanout
+    from bench_runners import Driven
 
     say("== 4. update_progress() wall time (no workers on the tube; totals from enqueue_each)")
     sizes = (1_000, plan.progress_big)
-    readers = []
-    for count in sizes:
-        with deadline(300, f"enqueue {count} for progress"):
-            Fanout(f"progress-{count}", tube=IDLE_TUBE).enqueue_each("echo", range(count))
-        reader = Fanout(f"progress-{count}")  # another instance: reads like another process
-        assert reader.update_progress().total == count, reader.update_progress()
-        readers.append(reader)
+    result: list[list[float]] = []
+
+    def with_runs(pending: list[int], readers: list[Driven]) -> None:
+        """Open one run per size, nested, so all are running while they are read."""
+        if not pending:
+            result.extend(read_progress(plan, readers))
+            return
+        count = pending[0]
+
+        def inside(runner: Driven) -> None:
+            runner.enqueue_each("echo", range(count))
+            reader = Driven(f"progress-{count}")  # another instance: reads like another process
+            assert reader.update_progress().total == count, reader.update_progress()
+            with_runs(pending[1:], [*readers, reader])
+
+        Driven(f"progress-{count}", tube=IDLE_TUBE).run(inside)
+
+    with deadline(600, "progress reads"):
+        with_runs(list(sizes), [])
+    medians = [statistics.median(t) for t in result]
+    return medians[0], medians[1]
+
+
+def read_progress(plan: Plan, readers: list[Any]) -> list[list[float]]:
+    """Time ``plan.progress_reads`` reads of each reader, interleaved; print the figures."""
     store, coord = backends().store, backends().coord
-    times: list[list[float]] = [[] for _ in sizes]
+    times: list[list[float]] = [[] for _ in readers]
     trips_before, etcd_before = store.round_trips, coord.round_trips
     for _ in range(plan.progress_reads):  # interleaved, so both sizes see the same noise
         for index, reader in enumerate(readers):
             started = time.perf_counter()
             reader.update_progress()
             times[index].append(time.perf_counter() - started)
-    trips = (store.round_trips - trips_before) / plan.progress_reads / len(sizes)
-    etcd_trips = (coord.round_trips - etcd_before) / plan.progress_reads / len(sizes)
-    medians = [statistics.median(t) for t in times]
-    for count, median, values in zip(sizes, medians, times, strict=True):
-        say(f"progress  run of {count:<7} median {median * 1e6:7.0f} us  "
-            f"p95 {p95(values) * 1e6:7.0f} us  ({plan.progress_reads} reads, "
-            f"{trips:.0f} memcached + {etcd_trips:.0f} etcd round trip(s) each)")
-    return medians[0], medians[1]
+    trips = (store.round_trips - trips_before) / plan.progress_reads / len(readers)
+    etcd_trips = (coord.round_trips - etcd_before) / plan.progress_reads / len(readers)
+    for reader, values in zip(readers, times, strict=True):
+        say(f"progress  run of {reader.update_progress().total:<7} median "
+            f"{statistics.median(values) * 1e6:7.0f} us  p95 {p95(values) * 1e6:7.0f} us  "
+            f"({plan.progress_reads} reads, {trips:.0f} memcached + {etcd_trips:.0f} etcd "
+            "round trip(s) each)")
+    return times
 
 
 # 5. Enqueue throughput and memory ------------------------------------------------------------
 def bench_enqueue(plan: Plan) -> tuple[float, float]:
-    from bench_runners import Fanout
+    from bench_runners import Driven
 
     say("== 5. enqueue throughput, 10,000 jobs, no workers, each in a fresh run")
     count = 10_000
     loops, eaches = [], []
+
+    def timed_loop(runner: Driven) -> float:
+        runner.enqueue("echo", -1)  # the run's first batch and template, off the clock
+        started = time.perf_counter()
+        for index in range(count):
+            runner.enqueue("echo", index)
+        return count / (time.perf_counter() - started)
+
+    def timed_each(runner: Driven) -> float:
+        runner.enqueue("echo", -1)
+        started = time.perf_counter()
+        runner.enqueue_each("echo", range(count))
+        return count / (time.perf_counter() - started)
+
     with deadline(600, "enqueue"):
-        for rep in range(plan.enqueue_reps):
-            runner = Fanout(f"enqueue-loop-{rep}", tube=IDLE_TUBE)
-            runner.enqueue("echo", -1)  # starts the run (etcd lease, counters) off the clock
-            started = time.perf_counter()
-            for index in range(count):
-                runner.enqueue("echo", index)
-            loops.append(count / (time.perf_counter() - started))
-            runner = Fanout(f"enqueue-each-{rep}", tube=IDLE_TUBE)
-            runner.enqueue("echo", -1)
-            started = time.perf_counter()
-            runner.enqueue_each("echo", range(count))
-            eaches.append(count / (time.perf_counter() - started))
+        for rep in range(plan.enqueue_reps):  # run() started the run (etcd lease, counters)
+            loops.append(Driven(f"enqueue-loop-{rep}", tube=IDLE_TUBE).run(timed_loop))
+            eaches.append(Driven(f"enqueue-each-{rep}", tube=IDLE_TUBE).run(timed_each))
     loop, each = statistics.median(loops), statistics.median(eaches)
     say(f"enqueue       loop  median {loop:8.0f} jobs/s  ({1e6 / loop:.0f} us/job, "
         f"{len(loops)} runs)")
@@ -415,25 +447,186 @@ def producer_memory(env: dict[str, str], count: int) -> dict[str, float]:
 
 def producer_memory_child(count: int, mode: str) -> None:
     """In a child process: enqueue ``count`` jobs and print the peak memory as JSON."""
-    from bench_runners import Fanout
+    from bench_runners import Driven
 
     packmule.configure(tube=IDLE_TUBE)
-    runner = Fanout(f"memory-{mode}", tube=IDLE_TUBE)
-    runner.enqueue("echo", -1)  # imports done, connections and the run made
-    before = rss_kb(os.getpid())[0]
-    if mode == "tracemalloc":
-        import tracemalloc
 
-        tracemalloc.start()
+    def measure(runner: Driven) -> dict[str, float]:
+        runner.enqueue("echo", -1)  # imports done, connections and the run made
+        before = rss_kb(os.getpid())[0]
+        if mode == "tracemalloc":
+            import tracemalloc
+
+            tracemalloc.start()
+            runner.enqueue_each("echo", range(count))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            return {"tracemalloc_peak_mb": peak / 2**20}
         runner.enqueue_each("echo", range(count))
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        print(json.dumps({"tracemalloc_peak_mb": peak / 2**20}))
-        return
-    runner.enqueue_each("echo", range(count))
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
-    peak = rss_kb(os.getpid())[1]
-    print(json.dumps({"rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}))
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+        return {"rss_before_mb": before / 1024, "rss_peak_mb": rss_kb(os.getpid())[1] / 1024}
+
+    print(json.dumps(Driven(f"memory-{mode}", tube=IDLE_TUBE).run(measure)))
+
+
+# 7. Fairness between runs ---------------------------------------------------------------------
+@contextmanager
+def priorities(mode: str) -> Iterator[None]:
+    """``fair``: packmule's per-job priorities; ``flat``: every job of a level alike (FIFO).
+
+    Patched in this process only: the producer computes a job's priority as it puts it.
+    """
+    fair = runner_module.job_priority
+    if mode == "flat":
+        runner_module.job_priority = lambda level, number: level << runner_module.POSITION_BITS
+    try:
+        yield
+    finally:
+        runner_module.job_priority = fair
+
+
+def small_during_large(large: int, small: int = 20) -> tuple[float, int]:
+    """(wall time of a ``small``-job run() started while a ``large`` one is under way,
+    jobs of the large run still to do when the small one returned)."""
+    from bench_runners import Fanout
+
+    big = threading.Thread(target=lambda: Fanout("fair-large").run(large))
+    big.start()
+    reader = Fanout("fair-large")
+    while (progress := reader.update_progress()).state != "running" \
+            or progress.completed < large // 5:  # its enqueue_each is over by then
+        time.sleep(0.005)
+    started = time.perf_counter()
+    Fanout("fair-small").run(small)
+    wall = time.perf_counter() - started
+    progress = reader.update_progress()
+    big.join(timeout=600)
+    return wall, progress.total - progress.completed
+
+
+def bench_fairness(plan: Plan, worker_pids: list[int]) -> tuple[float, float]:
+    say(f"== 7. fairness: a large run alone (N={plan.fairness_jobs}), per-job priorities (fair) "
+        "vs one priority for all (flat), alternating; then a 20-job run started during it")
+    count = plan.fairness_jobs
+    walls: dict[str, list[float]] = {"fair": [], "flat": []}
+    meters = {mode: CpuMeter({"producer": [os.getpid()], "workers": worker_pids})
+              for mode in walls}
+    with deadline(1200, "fairness"):
+        for _ in range(plan.fairness_reps):
+            for mode, times in walls.items():
+                with priorities(mode):
+                    meters[mode].start()
+                    times.append(packmule_run(count))
+                    meters[mode].stop()
+        small = {}
+        for mode in walls:
+            with priorities(mode):
+                small[mode] = small_during_large(count)
+    fair, flat = (statistics.median(walls[mode]) for mode in ("fair", "flat"))
+    for mode, times in walls.items():
+        say(f"large run alone, {mode}: median {fmt_s(statistics.median(times))}  "
+            f"{count / statistics.median(times):7.0f} jobs/s  ({len(times)} runs: "
+            f"{', '.join(f'{t:.3f}' for t in times)})  cpu/job {meters[mode].line(count * len(times))}")
+    say(f"fairness costs the large run {(fair / flat - 1) * 100:+.1f}% wall time")
+    for mode, (wall, left) in small.items():
+        say(f"20-job run started during a large one, {mode}: {fmt_s(wall)}; "
+            f"the large run still had {left} of {count + 1} jobs to do when it returned")
+    return fair / flat, small["fair"][0]
+
+
+# 8. Scale up: a million jobs ------------------------------------------------------------------
+def scale_child(count: int) -> None:
+    """In a fresh process: one ``Fanout.run(count)``; print wall time, phases and memory as JSON."""
+    from bench_runners import Fanout
+
+    packmule_run(200)  # imports, connections, a run: the baseline is a warm producer
+    before = rss_kb(os.getpid())[0]
+    wall, enqueue, until_aggregate, after = packmule_phases(count)
+    print(json.dumps({"wall": wall, "enqueue": enqueue, "until_aggregate": until_aggregate,
+                      "aggregate": after, "rss_before_mb": before / 1024,
+                      "rss_peak_mb": rss_kb(os.getpid())[1] / 1024}))
+    del Fanout
+
+
+def scale_run(env: dict[str, str], count: int) -> tuple[dict[str, float], list[tuple[int, float]]]:
+    """Run ``count`` jobs in a child producer; its report, and (completed, read time) of the
+    progress reads made here every ~0.5 s while it ran."""
+    from bench_runners import Fanout
+
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--scale-child",
+                              str(count)], env=env, cwd=ROOT, stdout=subprocess.PIPE)
+    reader, reads = Fanout("fanout"), []
+    while child.poll() is None:
+        started = time.perf_counter()
+        progress = reader.update_progress()
+        elapsed = time.perf_counter() - started
+        if progress.state == "running" and progress.total == count + 1:
+            reads.append((progress.completed, elapsed))
+        time.sleep(0.5)
+    out, _ = child.communicate(timeout=60)
+    if child.returncode:
+        raise RuntimeError(f"the producer of {count} jobs failed ({child.returncode})")
+    return json.loads(out.decode().strip().splitlines()[-1]), reads
+
+
+def run_scale(jobs: int) -> int:
+    """``--scale``: runs of jobs/10 then ``jobs`` jobs, each in a fresh producer; the figures."""
+    say(f"packmule scale-up {time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}  "
+        f"{os.cpu_count()} cpu  load average before: {load_average()}")
+    # memcached keeps every value of both runs (~150 B an item): -m sized for them, -M kept.
+    with start_local_servers(memcached_mb=max(256, jobs // 2500)) as servers:
+        env = {**os.environ, **servers.env(), "PACKMULE_NAMESPACE": NAMESPACE,
+               "PYTHONPATH": PYTHONPATH, "PACKMULE_TUBE": TUBE}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("PACKMULE_")})
+        config.reset()
+        packmule.configure(tube=TUBE)
+        procs = Procs(env)
+        try:
+            workers = procs.start([sys.executable, "-m", "packmule", "--log-level", "WARNING",
+                                   "worker", "--import", "bench_runners", "--tube", TUBE], WORKERS)
+            with deadline(120, "warm-up"):
+                packmule_run(200)
+            results = {}
+            for count in (jobs // 10, jobs):
+                with deadline(7200, f"scale N={count}"):
+                    results[count] = scale_run(env, count)
+                report_scale(count, *results[count], workers, server_pids())
+        finally:
+            procs.stop()
+    small, big = results[jobs // 10][0], results[jobs][0]
+    growth = big["wall"] / small["wall"]
+    reads = {count: statistics.median(t for _, t in results[count][1]) for count in results}
+    say("== targets")
+    say(f"{verdict(growth <= 11)}  N={jobs} within 11x of N={jobs // 10}: {growth:.2f}x")
+    say(f"{verdict(big['rss_peak_mb'] < 300)}  producer peak < 300 MB at N={jobs}: "
+        f"{big['rss_peak_mb']:.0f} MB")
+    say(f"{verdict(reads[jobs] <= 1.2 * reads[jobs // 10])}  progress read at N={jobs} within "
+        f"1.2x of N={jobs // 10}: {reads[jobs] / reads[jobs // 10]:.2f}x")
+    say(f"load average after: {load_average()}")
+    return 0
+
+
+def report_scale(count: int, report: dict[str, float], reads: list[tuple[int, float]],
+                 workers: list[subprocess.Popen[bytes]], servers: dict[str, list[int]]) -> None:
+    say(f"== N={count}: run() {report['wall']:.1f} s ({count / report['wall']:.0f} jobs/s): "
+        f"enqueue_each {report['enqueue']:.1f} s, then until the aggregate "
+        f"{report['until_aggregate']:.1f} s, aggregate + run end {report['aggregate']:.2f} s")
+    say(f"   producer VmRSS {report['rss_before_mb']:.0f} MB before, VmHWM "
+        f"{report['rss_peak_mb']:.0f} MB peak (enqueue_each, the wait, the aggregate's "
+        f"{count} values)")
+    if reads:
+        times = [t for _, t in reads]
+        quarters = []
+        for quarter in range(4):
+            inside = [t for done, t in reads if quarter <= 4 * done / count < quarter + 1]
+            quarters.append(f"{statistics.median(inside) * 1e6:.0f}" if inside else "-")
+        say(f"   progress reads during the run: {len(times)}, median "
+            f"{statistics.median(times) * 1e6:.0f} us, p95 {p95(times) * 1e6:.0f} us; by quarter "
+            f"of the run: {', '.join(quarters)} us")
+    sizes = [tuple(kb / 1024 for kb in rss_kb(w.pid)) for w in workers]
+    say(f"   workers VmRSS/VmHWM {', '.join(f'{now:.0f}/{peak:.0f}' for now, peak in sizes)} MB")
+    peaks = {name: max(rss_kb(pid)[1] for pid in pids) / 1024 for name, pids in servers.items()}
+    say(f"   servers VmHWM {', '.join(f'{name} {mb:.0f}' for name, mb in peaks.items())} MB")
 
 
 # Profiles ------------------------------------------------------------------------------------
@@ -632,16 +825,19 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
 
 
 def profile_enqueue_each(count: int) -> None:
-    from bench_runners import Fanout
+    from bench_runners import Driven
 
-    runner = Fanout("profile-enqueue", tube=IDLE_TUBE)
-    runner.enqueue("echo", -1)
     profiler = cProfile.Profile()
-    started = time.perf_counter()
-    profiler.enable()
-    runner.enqueue_each("echo", range(count))
-    profiler.disable()
-    elapsed = time.perf_counter() - started
+
+    def profiled(runner: Driven) -> float:
+        runner.enqueue("echo", -1)
+        started = time.perf_counter()
+        profiler.enable()
+        runner.enqueue_each("echo", range(count))
+        profiler.disable()
+        return time.perf_counter() - started
+
+    elapsed = Driven("profile-enqueue", tube=IDLE_TUBE).run(profiled)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
     say(f"== profile: cProfile of enqueue_each({count}) in the producer "
@@ -656,12 +852,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, under a minute")
     parser.add_argument("--profile", action="store_true", help="also profile a worker and enqueue")
+    parser.add_argument("--only", choices=["fairness"],
+                        help="run one section (with the plan of --quick or the full one)")
+    parser.add_argument("--scale", type=int, nargs="?", const=1_000_000, metavar="N",
+                        help="only the scale-up: runs of N/10 and N jobs (default 1,000,000)")
+    parser.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--producer-memory", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-mode", default="rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.producer_memory:
         producer_memory_child(args.producer_memory, args.memory_mode)
         return 0
+    if args.scale_child:
+        scale_child(args.scale_child)
+        return 0
+    if args.scale:
+        return run_scale(args.scale)
     plan = QUICK if args.quick else FULL
     began = time.perf_counter()
     say(f"packmule benchmarks {time.strftime('%Y-%m-%d %H:%M')}  python "
@@ -689,6 +895,11 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     with deadline(120, "warm-up"):  # imports, connections: before any clock
         floor.run(200)
         packmule_run(200)
+    if args.only == "fairness":
+        fairness, small_fair = bench_fairness(plan, [p.pid for p in workers])
+        say(f"{verdict(fairness <= 1.05)}  fairness costs a large run < 5%: "
+            f"{(fairness - 1) * 100:+.1f}% (a 20-job run started during it took {fmt_s(small_fair)})")
+        return 0
     times = bench_run_times(plan, floor, [p.pid for p in floor_workers],
                             [p.pid for p in workers])
     worker_rss = [rss_kb(p.pid) for p in workers]
@@ -711,6 +922,7 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     for label, sizes in (("packmule worker", worker_rss), ("floor worker", floor_rss)):
         say(f"{label:<16} VmRSS {', '.join(f'{r / 1024:.1f}' for r, _ in sizes)} MB  "
             f"(VmHWM {', '.join(f'{h / 1024:.1f}' for _, h in sizes)} MB)")
+    fairness, small_fair = bench_fairness(plan, [p.pid for p in workers])
     if args.profile:
         profile_enqueue_each(10_000)
         profile_fanin(env, procs, plan.fanin_runs)
@@ -731,6 +943,8 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     say(f"{verdict(growth <= 1.2)}  progress read at {plan.progress_big} within 1.2x of 1,000: "
         f"{growth:.2f}x")
     say(f"{verdict(each >= 2 * loop)}  enqueue_each >= 2x enqueue loop: {each / loop:.2f}x")
+    say(f"{verdict(fairness <= 1.05)}  fairness costs a large run < 5%: {(fairness - 1) * 100:+.1f}% "
+        f"(a 20-job run started during it took {fmt_s(small_fair)})")
     worst = max(r for r, _ in worker_rss) / 1024
     peak = max(h for _, h in worker_rss) / 1024
     say(f"{verdict(signing < 5e-6)}  signing: sign + verify < 5 us/job: {signing * 1e6:.2f} us")

@@ -30,6 +30,7 @@ from packmule.errors import (
 )
 from packmule.jobref import JobRef
 from packmule.markers import MISSING, Failure
+from packmule.multistep import MultiStepTask
 from packmule.progress import Progress
 from packmule.runner import Runner
 from packmule.runs import RunRecord
@@ -45,6 +46,7 @@ __all__ = [
     "JobCancelled",
     "JobRef",
     "JobTooBig",
+    "MultiStepTask",
     "PackmuleError",
     "Progress",
     "QueueUnavailable",

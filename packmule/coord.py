@@ -54,6 +54,13 @@ _REFUSALS = frozenset({
 })
 
 
+# A member whose request failed as an outage (unreachable, "leader changed") is
+# passed over for this long, then asked again. python-etcd3's default, 300 s,
+# would leave a client that saw every member fail once (an election, a lost
+# quorum; any restart of a lone etcd) refusing to send anything for 5 minutes.
+MEMBER_RETRY_SECONDS = 1.0
+
+
 def _status(err: BaseException) -> tuple[grpc.StatusCode | None, str]:
     """The gRPC status code and details behind ``err``, if it carries one.
 
@@ -189,7 +196,8 @@ class Coordinator:
         credentials = security.credentials()
 
         def connect() -> Any:
-            endpoints = [etcd3.Endpoint(host, port, secure=security.tls, creds=credentials)
+            endpoints = [etcd3.Endpoint(host, port, secure=security.tls, creds=credentials,
+                                        time_retry=MEMBER_RETRY_SECONDS)
                          for host, port in addresses]
             user = security.user or None
             password = security.password.values[0] if security.password else None
@@ -220,7 +228,8 @@ class Coordinator:
         if code is not None and code in _REFUSALS:
             return ServerRefused(self.names, f"etcd refused {action} ({code.name}): {said}",
                                  reply=details)
-        return CoordinatorUnavailable(self.names, f"etcd {action} failed: {said}")
+        status = f" ({code.name})" if code is not None else ""  # UNAVAILABLE: leader changed...
+        return CoordinatorUnavailable(self.names, f"etcd {action} failed{status}: {said}")
 
     # Keys -----------------------------------------------------------------
     def run_key(self, run: str) -> str:

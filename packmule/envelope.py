@@ -128,6 +128,8 @@ class BodyTemplate:
         self._tail = b"," + tail[1:-1] + b',"enqueued":'
         self._enqueued = dumps(e.enqueued)
         self._signer = signer
+        self._fixed = (len(self._head) + len(self._middle) + len(self._tail) + len(b"}")
+                       + (0 if signer is None else len(signer.sign(b""))))  # its prefix
 
     def body(self, number: int, args: bytes, enqueued: bytes = b"") -> bytes:
         """The body of job ``number``; ``args`` from :func:`encode_args`, signed if a signer is set.
@@ -138,6 +140,10 @@ class BodyTemplate:
         body = b"%b%d%b%b%b%b}" % (self._head, number, self._middle, args, self._tail,
                                    enqueued or self._enqueued)
         return body if self._signer is None else self._signer.sign(body)
+
+    def size(self, number: int, args: bytes, enqueued: bytes = b"") -> int:
+        """``len(self.body(number, args, enqueued))``, without building (or signing) the body."""
+        return self._fixed + len(str(number)) + len(args) + len(enqueued or self._enqueued)
 
 
 _FIELD_TYPES = {

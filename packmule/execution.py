@@ -50,7 +50,7 @@ def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
     if known is not None:
         return known
     module_name, _, qualname = envelope.runner.partition(":")
-    if module_name not in allowed:
+    if module_name not in allowed and module_name not in BUILT_IN_RUNNERS:
         raise DecodeError(f"runner module {module_name!r} is not in this worker's --import list "
                           f"({', '.join(sorted(allowed))}): start workers with --import {module_name}")
     target: Any = importlib.import_module(module_name)
@@ -64,6 +64,9 @@ def load_runner(envelope: Envelope, allowed: frozenset[str]) -> type[Runner]:
 
 
 _CLASSES: dict[tuple[str, frozenset[str]], type[Runner]] = {}  # found by load_runner
+# packmule's own runners, allowed on every worker: a multi-step task's runner
+# runs only functions from the worker's --import modules (see Runner._admit).
+BUILT_IN_RUNNERS = frozenset({"packmule.multistep"})
 
 
 def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = True) -> Runner:
@@ -74,7 +77,8 @@ def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = T
     worker does that, and an etcd connection made per job costs milliseconds.
 
     Raises:
-        DecodeError: the runner is not allowed (see :func:`load_runner`).
+        DecodeError: the runner is not allowed (see :func:`load_runner`), or
+            the job is not (a multi-step task's function outside ``allowed``).
         UnknownMethod: the envelope names a private, inherited or missing method,
             as ``enqueue`` would have refused it (a forged or corrupt job).
         ConfigurationError: the envelope's options are not the runner's.
@@ -82,6 +86,7 @@ def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = T
     cls = load_runner(envelope, allowed)
     runner = cls(envelope.name, **envelope.options)
     runner._check_method(envelope.method)
+    runner._admit(envelope.method, envelope.args, allowed)
     scope = RunScope(envelope.run, envelope.lease,
                      runner.identity, backends(), runner.push_progress_updates)
     if keep_alive:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an enqueue_each of a million keeps a million
 class JobRef:
     """A job of a run: its packmule number and the beanstalkd server it went to.
 

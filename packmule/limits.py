@@ -79,11 +79,12 @@ class ParentClient:
     def delete(self, _job: Any) -> None:
         self._call("delete")
 
-    def release(self, _job: Any, *, delay: int = 0) -> None:
-        self._call("release", delay=delay)
+    def release(self, _job: Any, *, priority: int = greenstalk.DEFAULT_PRIORITY,
+                delay: int = 0) -> None:
+        self._call("release", priority=priority, delay=delay)
 
-    def bury(self, _job: Any) -> None:
-        self._call("bury")
+    def bury(self, _job: Any, *, priority: int = greenstalk.DEFAULT_PRIORITY) -> None:
+        self._call("bury", priority=priority)
 
     def kick_job(self, _job: Any) -> None:
         self._call("kick_job")
@@ -162,8 +163,10 @@ def _apply(client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
     """Make a job process's request on the reserving connection; the reply to send back."""
     op = message["op"]
     calls: dict[str, Callable[[], Any]] = {
-        "delete": lambda: client.delete(job), "bury": lambda: client.bury(job),
-        "release": lambda: client.release(job, delay=int(message["delay"])),
+        "delete": lambda: client.delete(job),
+        "bury": lambda: client.bury(job, priority=int(message["priority"])),
+        "release": lambda: client.release(job, priority=int(message["priority"]),
+                                          delay=int(message["delay"])),
         "kick_job": lambda: client.kick_job(job), "stats_job": lambda: client.stats_job(job)}
     if op not in calls:
         raise PackmuleError(f"a job process asked for {op!r}, which is not a job command")

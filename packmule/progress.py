@@ -48,7 +48,15 @@ def read_progress(backends: Backends, runner: str, name: str) -> Progress:
     lost reads ``lost`` (and is recorded lost).
     """
     run = latest_run(backends, runner, name)
-    record, found = observe(backends, run) if run is not None else (None, None)
+    return run_progress(backends, run) if run is not None else Progress()
+
+
+def run_progress(backends: Backends, run: str) -> Progress:
+    """The progress of run ``run`` (by its id), as :func:`read_progress` reads it.
+
+    ``unknown`` if no such run is known (never started, or expired).
+    """
+    record, found = observe(backends, run)
     if record is None:
         return Progress()
     if found is None:

@@ -8,8 +8,9 @@ waiting in the delayed state, a buried job) can be found again.
 from __future__ import annotations
 
 import io
+import itertools
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
@@ -131,16 +132,22 @@ def _read_reserves(reader: io.BufferedReader) -> int:
     return int(data[start + 11:data.index(b"\n", start + 1)]) if start >= 0 else 0
 
 
-def _chunks(bodies: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
-    """``bodies`` in order, in slices of about ``_CHUNK_BYTES`` or ``_CHUNK_JOBS``."""
-    start, size = 0, 0
-    for end, body in enumerate(bodies, 1):
+def _chunks(bodies: Iterable[bytes], priorities: Iterable[int],
+            ) -> Iterator[tuple[list[bytes], list[int]]]:
+    """``bodies`` and their priorities, in order, in chunks of about ``_CHUNK_BYTES`` or
+    ``_CHUNK_JOBS``; each body is taken only when its chunk is next (built lazily, if lazy)."""
+    chunk: list[bytes] = []
+    chunk_priorities: list[int] = []
+    size = 0
+    for body, priority in zip(bodies, priorities, strict=False):  # priorities may repeat forever
+        chunk.append(body)
+        chunk_priorities.append(priority)
         size += len(body)
-        if size >= _CHUNK_BYTES or end - start >= _CHUNK_JOBS:
-            yield bodies[start:end]
-            start, size = end, 0
-    if start < len(bodies):
-        yield bodies[start:]
+        if size >= _CHUNK_BYTES or len(chunk) >= _CHUNK_JOBS:
+            yield chunk, chunk_priorities
+            chunk, chunk_priorities, size = [], [], 0
+    if chunk:
+        yield chunk, chunk_priorities
 
 
 def connect(address: Address, timeout_seconds: float) -> greenstalk.Client[bytes]:
@@ -234,9 +241,14 @@ class Queue:
         self.put_many(index, tube, [body], priority=priority, delay=delay, ttr=ttr, stored=stored)
         return stored[0]
 
-    def put_many(self, index: int, tube: str, bodies: Sequence[bytes], *, priority: int,
-                 delay: float, ttr: float, stored: list[int]) -> None:
+    def put_many(self, index: int, tube: str, bodies: Iterable[bytes], *,
+                 priority: int | Iterable[int], delay: float, ttr: float,
+                 stored: list[int]) -> None:
         """Put ``bodies`` on server ``index`` in order, pipelined: one write per chunk.
+
+        ``priority`` is one for all, or one per body (see ``runner.job_priority``).
+        Both may be lazy: a chunk's bodies are taken as it is sent, so a
+        million jobs never need to be in memory at once.
 
         A put per round trip costs a send, a wait and a receive per job; here a
         chunk of up to hundreds of puts goes out in one ``sendall`` and its
@@ -255,16 +267,18 @@ class Queue:
             ServerRefused: the server refused a job (out of memory, a bad command).
             QueueUnavailable: the server is unreachable, or draining.
         """
-        head = b"put %d %d %d " % (priority, int(delay), int(ttr))
-        for chunk in _chunks(bodies):
-            refusal = self._put_chunk(index, tube, head, chunk, stored)
+        priorities = itertools.repeat(priority) if isinstance(priority, int) else priority
+        tail = b" %d %d " % (int(delay), int(ttr))
+        for chunk, chunk_priorities in _chunks(bodies, priorities):
+            refusal = self._put_chunk(index, tube, tail, chunk, chunk_priorities, stored)
             if refusal is not None:
                 raise refusal
 
-    def _put_chunk(self, index: int, tube: str, head: bytes, chunk: Sequence[bytes],
-                   stored: list[int]) -> Exception | None:
+    def _put_chunk(self, index: int, tube: str, tail: bytes, chunk: Sequence[bytes],
+                   priorities: Sequence[int], stored: list[int]) -> Exception | None:
         """Send one chunk of puts in one write, read every reply; the first refusal, if any."""
-        payload = b"".join([b"%b%d\r\n%b\r\n" % (head, len(body), body) for body in chunk])
+        payload = b"".join([b"put %d%b%d\r\n%b\r\n" % (pri, tail, len(body), body)
+                            for pri, body in zip(priorities, chunk, strict=True)])
         refusal: Exception | None = None
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:

@@ -11,6 +11,7 @@ aggregate becomes a job, parked in beanstalkd until etcd decides it fires.
 from __future__ import annotations
 
 import functools
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -67,7 +68,9 @@ class Runner:
         record_return_values: store job values for aggregates (False: they get None).
         push_progress_updates: count completed and failed jobs for progress.
         time_to_run: beanstalkd time-to-run in seconds (default: settings).
-        priority: beanstalkd priority (lower runs first).
+        priority: the level of the runner's jobs, 0..255, lower first (default
+            128). Every job of a lower level goes before any of a higher one;
+            within a level, runs share the workers (see :func:`job_priority`).
         tube: beanstalkd tube (default: settings).
         max_retries: retries of a raising job before it fails (default: settings).
         halt_on_data_loss: raise ResultMissing when memcached lost a value;
@@ -80,7 +83,7 @@ class Runner:
     record_return_values: ClassVar[bool] = True
     push_progress_updates: ClassVar[bool] = True
     time_to_run: ClassVar[float | None] = None
-    priority: ClassVar[int] = 65536
+    priority: ClassVar[int] = 128
     tube: ClassVar[str | None] = None
     max_retries: ClassVar[int | None] = None
     halt_on_data_loss: ClassVar[bool] = True
@@ -123,8 +126,10 @@ class Runner:
                                     or retries < 0):
             raise ConfigurationError(f"{name}.max_retries: {retries!r} is not an int >= 0")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) \
-                or not 0 <= self.priority < 2**32:
-            raise ConfigurationError(f"{name}.priority: {self.priority!r} is not in 0..2**32-1")
+                or not 0 <= self.priority < PRIORITY_LEVELS:
+            raise ConfigurationError(
+                f"{name}.priority: {self.priority!r} is not a level in 0..{PRIORITY_LEVELS - 1} "
+                "(lower runs first; the job's position in its run is added below it)")
         if self.tube is not None and not isinstance(self.tube, str):
             raise ConfigurationError(f"{name}.tube: {self.tube!r} is not a string")
         check_tube(self.tube_name)
@@ -181,22 +186,43 @@ class Runner:
         """
         return self._enqueue_many(method, [args])[0]
 
+    def enqueue_in(self, seconds: float, method: str, *args: Any) -> JobRef:
+        """Run ``self.method(*args)`` as a job no sooner than ``seconds`` from now; its JobRef.
+
+        beanstalkd holds the job delayed, in whole seconds (a fraction is
+        rounded up). It is counted in the run's progress at once, like any
+        job, so the run's total is right from the start and an aggregate over
+        it waits for it. Workers need not be running meanwhile.
+
+        Raises:
+            EnqueueError: ``seconds`` is not a number in 0..2**31-1 (nothing enqueued).
+            UnknownMethod, EncodeError, JobTooBig, QueueUnavailable: as `enqueue`.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                or not 0 <= seconds < PARK_SECONDS:
+            raise EnqueueError(f"enqueue_in({seconds!r}, {method!r}): the delay is not a number "
+                               f"of seconds in 0..{PARK_SECONDS - 1}")
+        return self._enqueue_many(method, [args], delay=math.ceil(seconds))[0]
+
     def enqueue_each(self, method: str, items: Iterable[Any], *args: Any) -> list[JobRef]:
         """One job ``self.method(item, *args)`` per item, counted as one batch.
 
         Every job is encoded and checked before the first is put, and the whole
         batch is counted before the first can finish, so progress never goes back.
         """
-        return self._enqueue_many(method, [(item, *args) for item in items])
+        return self._enqueue_many(method, ((item, *args) for item in items))
 
-    def _enqueue_many(self, method: str, arg_lists: list[tuple[Any, ...]]) -> list[JobRef]:
+    def _enqueue_many(self, method: str, arg_lists: Iterable[tuple[Any, ...]], *,
+                      delay: int = 0) -> list[JobRef]:
         """Encode, count, size-check and put these jobs; their JobRefs in input order.
 
         Each job's arguments are encoded once, before anything is counted (a
         bad value is refused with nothing to undo); the rest of the body is
         shared by the call. Every job is checked against its server's
         max-job-size before the first put, and the puts are pipelined per
-        server. Whatever was not put is uncounted.
+        server. Whatever was not put is uncounted. Only the encoded arguments
+        are kept for the whole call: bodies are built a chunk at a time as
+        they are sent, so a million jobs take tens of MB, not hundreds.
         """
         self._check_method(method)
         encoded = [encode_args(method, args) for args in arg_lists]
@@ -209,13 +235,16 @@ class Runner:
         stored: list[int] = []
         try:
             template = self._template(context, batch, method, tube)
-            by_server = _by_server(queue, template, first, encoded, stamp(time.time()))
-            for index, bodies in by_server.items():
-                _check_size(queue, index, method, max(map(len, bodies)))
+            servers, enqueued = _by_server(queue, first, len(encoded)), stamp(time.time())
+            for index, numbers in servers.items():
+                _check_size(queue, index, method,
+                            max(template.size(n, encoded[n - first], enqueued) for n in numbers))
             ttr = self._ttr()
-            for index, bodies in by_server.items():
-                queue.put_many(index, tube, bodies, priority=self.priority, delay=0, ttr=ttr,
-                               stored=stored)
+            for index, numbers in servers.items():
+                queue.put_many(index, tube, (template.body(n, encoded[n - first], enqueued)
+                                             for n in numbers),
+                               priority=(job_priority(self.priority, n) for n in numbers),
+                               delay=delay, ttr=ttr, stored=stored)
         finally:
             _uncount(context, batch, len(encoded) - len(stored))
         return [context.scope.ref(number, batch) for number in range(first, first + len(encoded))]
@@ -246,9 +275,13 @@ class Runner:
         _check_size(queue, index, method, len(body))
         return index, body
 
-    def _put(self, queue: Queue, index: int, body: bytes, *, delay: float) -> int:
-        return queue.put(index, self.tube_name, body, priority=self.priority, delay=delay,
-                         ttr=self._ttr())
+    def _put(self, queue: Queue, index: int, number: int, body: bytes, *, delay: float) -> int:
+        return queue.put(index, self.tube_name, body, priority=self._job_priority(number),
+                         delay=delay, ttr=self._ttr())
+
+    def _job_priority(self, number: int) -> int:
+        """beanstalkd priority of this runner's job ``number`` (see :func:`job_priority`)."""
+        return job_priority(self.priority, number)
 
     def _ttr(self) -> float:
         """beanstalkd time-to-run of this runner's jobs."""
@@ -270,21 +303,35 @@ class Runner:
         check_args(method, args)
         context = self._current_context()
         deps = self._check_refs(context, jobs)
+        if context.job is None:
+            return self._defer_in_caller(context, deps, method, args,
+                                         self._parker(context, method, args),
+                                         allow_failures=allow_failures)
+        return self._defer_to_workers(context, deps, method, args, allow_failures=allow_failures)
 
+    def _parker(self, context: Context, method: str,
+                args: tuple[Any, ...]) -> Callable[[int, str], tuple[int, int]]:
+        """How to park the aggregate ``method(values, *args)`` as a delayed job until it fires."""
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
-            parked = index, self._put(context.scope.backends.queue, index, body, delay=PARK_SECONDS)
+            parked = index, self._put(context.scope.backends.queue, index, number, body,
+                                      delay=PARK_SECONDS)
             leftovers.note_parked(context.scope.backends, context.scope.run, number, parked)
             return parked
 
-        if context.job is None:
-            return self._defer_in_caller(context, deps, method, args, park,
-                                         allow_failures=allow_failures)
+        return park
+
+    def _defer_to_workers(self, context: Context, deps: list[JobRef], method: str,
+                          args: tuple[Any, ...], *, allow_failures: bool) -> JobRef:
+        """Register the aggregate as a job parked until it fires; its JobRef at once.
+
+        What `deferred_result` does in a worker; a multi-step task does it from its caller.
+        """
         signature = aggregate.call_signature(
             method, encode_args(method, args), dumps(aggregate.as_ranges(ref.number for ref in deps)),
             b"allow_failures" if allow_failures else b"")
         return aggregate.register_aggregate(
-            context.scope, context.batches, deps, park=park,
+            context.scope, context.batches, deps, park=self._parker(context, method, args),
             allow_failures=allow_failures, halt=self.halt_on_data_loss, signature=signature,
             method=method)[0]
 
@@ -356,7 +403,7 @@ class Runner:
         try:
             scope.backends.store.add(scope.keys.batch_done("root"), b"0")
             index, body = self._body(context, ROOT_JOB, "root", "run", list(args), kwargs=kwargs)
-            self._put(scope.backends.queue, index, body, delay=0)
+            self._put(scope.backends.queue, index, ROOT_JOB, body, delay=0)
         except BaseException as err:  # the run never started: say so, not "running"
             runs.finish(scope.backends, scope.run, _failure(err), resumable=False)
             raise
@@ -422,6 +469,18 @@ class Runner:
             return None
         return record
 
+    @classmethod
+    def find_runs(cls, name: str = "default", *, limit: int = 10) -> list[RunRecord]:
+        """The records of the last ``limit`` runs started under ``name``, newest first.
+
+        Every run stays listed until its record expires, ``result_ttl_seconds``
+        after it ended. Lists the name's index (its keys only, O(runs kept)),
+        then reads each run listed (loss checked as by `find`).
+        """
+        ids = runs.history(backends(), cls.class_path(), name)[::-1][:max(0, limit)]
+        records = (runs.observe(backends(), run)[0] for run in ids)
+        return [record for record in records if record is not None]
+
     def get_return_value(self) -> Any:
         """The value of the latest started run.
 
@@ -433,6 +492,10 @@ class Runner:
         record = self.find(self.name)
         if record is None:
             raise UnknownRun(f"no run of {self.identity} is known")
+        return self._value_of(record)
+
+    def _value_of(self, record: RunRecord) -> Any:
+        """The value of the run ``record`` describes, or the error of how it stands."""
         if record.state == "running":
             raise ResultPending(f"run {record.run} of {record.identity} is still running")
         if record.state == "failed":
@@ -462,6 +525,14 @@ class Runner:
         leftovers.remove_parked(self._backends, run)
         return True
 
+    def _admit(self, method: str, args: list[Any], allowed: frozenset[str]) -> None:
+        """Refuse a job this worker must not run, beyond its method (DecodeError).
+
+        Called by a worker before the job runs, with its ``--import`` list. A
+        hook for packmule's own runners (a multi-step task checks the module
+        of the function a job names); a runner's own class was checked already.
+        """
+
     def handle_error(self, exc: BaseException, method: str, args: list[Any]) -> Any:
         """Override to supply a value for a job that kept failing.
 
@@ -476,13 +547,17 @@ class Runner:
 
 
 # (class, options) already checked: a worker builds a runner for every job.
-_CHECKED_OPTIONS: set[tuple[type, frozenset[tuple[str, Any]]]] = set()
+_CHECKED_OPTIONS: set[tuple[type, frozenset[tuple[str, type, Any]]]] = set()
 
 
-def _checked_key(cls: type, options: dict[str, Any]) -> tuple[type, frozenset[tuple[str, Any]]] | None:
-    """The key of these options in _CHECKED_OPTIONS; None if a value is unhashable (never cached)."""
+def _checked_key(cls: type,
+                 options: dict[str, Any]) -> tuple[type, frozenset[tuple[str, type, Any]]] | None:
+    """The key of these options in _CHECKED_OPTIONS; None if a value is unhashable (never cached).
+
+    Each value's type is part of the key: ``True == 1``, but ``priority=True`` is refused.
+    """
     try:
-        key = (cls, frozenset(options.items()))
+        key = (cls, frozenset((name, type(value), value) for name, value in options.items()))
         hash(key)
     except TypeError:
         return None
@@ -492,14 +567,35 @@ def _checked_key(cls: type, options: dict[str, Any]) -> tuple[type, frozenset[tu
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
 
 
-def _by_server(queue: Queue, template: BodyTemplate, first: int,
-               encoded: list[bytes], enqueued: bytes) -> dict[int, list[bytes]]:
-    """The bodies of jobs ``first``, ``first + 1``... grouped by pool index, each in order."""
-    by_server: dict[int, list[bytes]] = {}
-    for number, args in enumerate(encoded, first):
-        by_server.setdefault(queue.server_for(number), []).append(
-            template.body(number, args, enqueued))
-    return by_server
+# A job's beanstalkd priority (32 bits, lower first) is its runner's level
+# above its position in its run: levels stay strictly ordered, and within a
+# level the runs sharing a tube interleave. Positions past 2**24 share the last.
+PRIORITY_LEVELS = 256
+POSITION_BITS = 24
+_LAST_POSITION = (1 << POSITION_BITS) - 1
+
+
+def job_priority(level: int, number: int) -> int:
+    """The beanstalkd priority of job ``number`` of a run whose runner has ``level``.
+
+    beanstalkd hands out the lowest priority first, and FIFO among equals.
+    With the job's number (its position in its run, 0 for a run_async root)
+    below the level, the k-th job of every run of a level goes before the
+    (k+1)-th of any: runs in step alternate, and a run started while another
+    is far ahead catches up with it instead of waiting behind its backlog.
+    Costs nothing per job: no state, no extra round trip.
+    """
+    return (level << POSITION_BITS) | min(number, _LAST_POSITION)
+
+
+def _by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
+    """The numbers of jobs ``first``... ``first + count - 1`` by pool index, each in order.
+
+    A job's server is its number modulo the pool's size (``Queue.server_for``).
+    """
+    servers = len(queue.names)
+    return {queue.server_for(start): range(start, first + count, servers)
+            for start in range(first, first + min(servers, count))}
 
 
 def _uncount(context: Context, batch: str, unput: int) -> None:

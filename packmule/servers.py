@@ -24,6 +24,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packmule.errors import ServerStartError
 
@@ -65,6 +66,9 @@ class _Server:
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
     tls: EtcdTls | None = None
+    memory_mb: int = 64  # memcached's -m
+    member: str = "default"  # an etcd member's name in its cluster
+    cluster: str = ""  # an etcd member's --initial-cluster: every member's name=peer URL
 
     @property
     def log(self) -> Path:
@@ -81,17 +85,20 @@ class LocalServers:
     for the life of the object: the restart helpers reuse the same port.
     """
 
-    def __init__(self, *, beanstalkd: int, memcached: int, workdir: Path | None,
+    def __init__(self, *, beanstalkd: int, memcached: int, etcd: int = 1,
+                 workdir: Path | None, memcached_mb: int = 64,
                  etcd_tls: EtcdTls | None = None) -> None:
-        if beanstalkd < 1 or memcached < 1:
+        if beanstalkd < 1 or memcached < 1 or etcd < 1:
             raise ValueError("each pool needs at least one server")
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="packmule-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         home = self.workdir
-        self._etcd = _Server("etcd", home / "etcd", tls=etcd_tls)
+        self._etcd = [_Server("etcd", home / "etcd", tls=etcd_tls)] if etcd == 1 else [
+            _Server("etcd", home / f"etcd-{i}", member=f"m{i}", tls=etcd_tls) for i in range(etcd)]
         self._beanstalkd = [_Server("beanstalkd", home / f"beanstalkd-{i}") for i in range(beanstalkd)]
-        self._memcached = [_Server("memcached", home / f"memcached-{i}") for i in range(memcached)]
+        self._memcached = [_Server("memcached", home / f"memcached-{i}", memory_mb=memcached_mb)
+                           for i in range(memcached)]
         self._stopped = False
 
     @property
@@ -104,7 +111,7 @@ class LocalServers:
 
     @property
     def etcd_urls(self) -> list[str]:
-        return [f"{'etcds' if self._etcd.tls else 'etcd'}://{HOST}:{self._etcd.port}"]
+        return [f"{'etcds' if s.tls else 'etcd'}://{HOST}:{s.port}" for s in self._etcd]
 
     def env(self) -> dict[str, str]:
         """The ``PACKMULE_*`` variables a worker or demo needs to find these servers.
@@ -116,7 +123,7 @@ class LocalServers:
             "PACKMULE_MEMCACHED": ",".join(self.memcached_urls),
             "PACKMULE_ETCD": ",".join(self.etcd_urls),
         }
-        tls = self._etcd.tls
+        tls = self._etcd[0].tls
         if tls is not None:
             found.update(PACKMULE_ETCD_CA_FILE=str(tls.ca_file),
                          PACKMULE_ETCD_CERT_FILE=str(tls.client_cert_file),
@@ -138,7 +145,7 @@ class LocalServers:
         if self._stopped:
             return
         self._stopped = True
-        _terminate([self._etcd, *self._beanstalkd, *self._memcached])
+        _terminate([*self._etcd, *self._beanstalkd, *self._memcached])
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -160,13 +167,53 @@ class LocalServers:
         """
         self._restart(self._memcached[index])
 
+    def kill_server(self, kind: str, index: int = 0) -> None:
+        """Crash server ``index`` of ``kind`` (SIGKILL); it stays down until `start_server`."""
+        _terminate([self._pool(kind)[index]], signal.SIGKILL)
+
+    def start_server(self, kind: str, index: int = 0) -> None:
+        """Start a killed server again on its port, with its data (binlog, etcd member data).
+
+        An etcd member rejoins its cluster; it is ready once the cluster has a
+        leader again (a member alone of three waits for a second one).
+        """
+        server = self._pool(kind)[index]
+        if server.process is not None and server.process.poll() is None:
+            raise ServerStartError(f"{server.describe()} is running already")
+        self._restart(server)
+
+    def etcd_leader(self) -> int:
+        """The index of the etcd member that leads the cluster now (asked of a live member).
+
+        Raises:
+            ServerStartError: no live member knows a leader.
+        """
+        ids = {_etcd_status(s.port).get("header", {}).get("member_id"): index
+               for index, s in enumerate(self._etcd) if s.process is not None}
+        for server in self._etcd:
+            leader = _etcd_status(server.port).get("leader") if server.process else None
+            if leader in ids:
+                return ids[leader]
+        raise ServerStartError("no live etcd member knows a leader")
+
+    def _pool(self, kind: str) -> list[_Server]:
+        pools = {"beanstalkd": self._beanstalkd, "memcached": self._memcached, "etcd": self._etcd}
+        if kind not in pools:
+            raise ValueError(f"unknown server kind {kind!r}: one of {sorted(pools)}")
+        return pools[kind]
+
     def _start_all(self) -> None:
         # etcd is the slowest to become healthy: launch it first, wait for it last.
-        servers = [self._etcd, *self._beanstalkd, *self._memcached]
-        for server in servers:
+        # A cluster's members must know each other's ports before any starts.
+        cluster = len(self._etcd) > 1
+        if cluster:
+            _plan_cluster(self._etcd)
+        for server in self._etcd:
+            _launch(server, new_ports=not cluster)
+        for server in [*self._beanstalkd, *self._memcached]:
             _launch(server, new_ports=True)
-        for server in [*servers[1:], self._etcd]:
-            _finish(server, new_ports=True)
+        for server in [*self._beanstalkd, *self._memcached, *self._etcd]:
+            _finish(server, new_ports=server.kind != "etcd" or not cluster)
 
     def _restart(self, server: _Server) -> None:
         if self._stopped:
@@ -177,16 +224,19 @@ class LocalServers:
 
 
 def start_local_servers(
-    *, beanstalkd: int = 1, memcached: int = 1, workdir: Path | None = None,
-    etcd_tls: EtcdTls | None = None,
+    *, beanstalkd: int = 1, memcached: int = 1, etcd: int = 1, workdir: Path | None = None,
+    memcached_mb: int = 64, etcd_tls: EtcdTls | None = None,
 ) -> LocalServers:
-    """Start ``beanstalkd`` + ``memcached`` servers and one etcd, all ready.
+    """Start ``beanstalkd`` + ``memcached`` servers and an etcd cluster, all ready.
 
     Args:
         beanstalkd: how many beanstalkd servers (a pool), at least 1.
         memcached: how many memcached servers (a pool), at least 1.
+        etcd: how many etcd members (one cluster; 3 survives losing one), at least 1.
         workdir: folder for data and logs; a temporary one (removed by
             ``stop()``) when None. A reused folder replays old binlogs.
+        memcached_mb: each memcached's memory (``-m``); it refuses writes
+            when full (``-M``), never evicts.
         etcd_tls: serve etcd over TLS only, to clients with a certificate
             its CA signed (``etcds://`` in :meth:`LocalServers.env`).
 
@@ -195,8 +245,8 @@ def start_local_servers(
             server exited or was not ready in time (with its log's tail).
             Servers already started are stopped first.
     """
-    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, workdir=workdir,
-                           etcd_tls=etcd_tls)
+    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, etcd=etcd,
+                           workdir=workdir, memcached_mb=memcached_mb, etcd_tls=etcd_tls)
     try:
         servers._start_all()
     except BaseException:
@@ -226,6 +276,15 @@ def main_foreground(beanstalkd: int, memcached: int) -> None:
             signal.signal(sig, handler)
 
 
+def _plan_cluster(members: list[_Server]) -> None:
+    """Give each etcd member its ports and the cluster's member list."""
+    for member in members:
+        member.port, member.peer_port = _free_port(), _free_port()
+    cluster = ",".join(f"{m.member}=http://{HOST}:{m.peer_port}" for m in members)
+    for member in members:
+        member.cluster = cluster
+
+
 def _free_port() -> int:
     # Racy by nature (the port is free only now): _finish retries on another.
     with socket.socket() as sock:
@@ -250,20 +309,25 @@ def _argv(server: _Server) -> list[str]:
     if server.kind == "memcached":
         # -M: refuse writes when full instead of evicting; as root it must be told a user.
         user = ["-u", "root"] if os.geteuid() == 0 else []
-        return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M", "-m", "64", *user]
+        return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M",
+                "-m", str(server.memory_mb), *user]
     scheme = "https" if server.tls else "http"
     client, peer = f"{scheme}://{HOST}:{port}", f"http://{HOST}:{server.peer_port}"
     tls = [] if server.tls is None else [
         "--cert-file", str(server.tls.cert_file), "--key-file", str(server.tls.key_file),
         "--trusted-ca-file", str(server.tls.ca_file), "--client-cert-auth"]
+    # One member on loopback: short raft ticks make it leader in ~0.1 s, not ~1 s.
+    # A cluster keeps etcd's defaults: on a busy machine, short ticks would make
+    # its members call elections whenever a heartbeat is late.
+    ticks = ["10", "100"] if not server.cluster else ["100", "1000"]
     return [
-        _binary("etcd"), "--name", "default", "--data-dir", str(folder / "data"),
+        _binary("etcd"), "--name", server.member, "--data-dir", str(folder / "data"),
         "--listen-client-urls", client, "--advertise-client-urls", client,
         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"default={peer}",
+        "--initial-cluster", server.cluster or f"{server.member}={peer}",
+        "--initial-cluster-token", f"packmule-{folder.parent.name}",
         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h",
-        # One member on loopback: short raft ticks make it leader in ~0.1 s, not ~1 s.
-        "--heartbeat-interval", "10", "--election-timeout", "100",
+        "--heartbeat-interval", ticks[0], "--election-timeout", ticks[1],
         "--logger", "zap", "--log-level", "error", *tls,
     ]  # fmt: skip
 
@@ -352,6 +416,19 @@ def _etcd_healthy(server: _Server) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(body, dict) and body.get("health") == "true"
+
+
+def _etcd_status(port: int) -> dict[str, Any]:
+    """A member's ``maintenance/status`` (its id and its leader's), or {} if it does not answer."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"http://{HOST}:{port}/v3/maintenance/status", data=b"{}",
+                                     method="POST")
+    try:
+        with opener.open(request, timeout=1.0) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _log_tail(server: _Server, size: int = 2000) -> str:

@@ -18,6 +18,10 @@ method, duration, outcome and attempt (structured: see packmule.logs), and
 counted in the worker's metrics when they are served (packmule.metrics). A
 runner with a ``time_limit`` has its jobs run in processes of their own
 (packmule.limits).
+
+beanstalkd's release and bury set a job's priority anew: each passes the one
+the job was put with (``runner.job_priority``), so a retried, parked or
+buried-then-kicked job keeps its level and its place among runs.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from packmule.errors import (
     ForkServerGone,
     JobCancelled,
     JobStopped,
+    QueueUnavailable,
     ServerError,
     ServerRefused,
     ServerUnavailable,
@@ -110,6 +115,8 @@ class Worker:
         self._forks: ForkServer | None = None  # for jobs under a time limit, once running
         self._in_child = False  # True in a job's own process
         self.exit_code = 0  # 1: stopped because it cannot go on (its fork server died)
+        # Unreachable servers: index -> (failures in a row, when to try it again).
+        self._down: dict[int, tuple[int, float]] = {}
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -245,16 +252,44 @@ class Worker:
         return self._clients[index]
 
     def _reserve(self) -> tuple[int, greenstalk.Job[bytes]] | None:
+        """Reserve from the pool's servers in turn; None if none had a job within ~1 s.
+
+        A server that cannot be reached is skipped, and tried again after a
+        pause doubling up to 5 s: the worker goes on with the others. Only
+        when every server is down does the error reach the loop.
+        """
         servers = len(self.settings.beanstalkd)
-        for attempt in range(servers):
-            index = (self._next + attempt) % servers
-            timeout = 1 if attempt == servers - 1 else 0
-            with naming(self._names[index], "reserve"):
-                job = self._reserve_on(index, timeout)
+        order = [(self._next + attempt) % servers for attempt in range(servers)]
+        now = time.monotonic()
+        up = [index for index in order if self._down.get(index, (0, 0.0))[1] <= now] or order
+        for position, index in enumerate(up):
+            try:
+                with naming(self._names[index], "reserve"):
+                    job = self._reserve_on(index, 1 if position == len(up) - 1 else 0)
+            except QueueUnavailable as err:  # the server named: a delete sent along may fail
+                self._skip(self._names.index(err.address) if err.address in self._names
+                           else index, err)
+                continue
+            self._down.pop(index, None)
             if job is not None:
                 self._next = index + 1
                 return index, job
         return None
+
+    def _skip(self, index: int, err: QueueUnavailable) -> None:
+        """Leave server ``index`` aside for a while; raise ``err`` if every server is aside."""
+        failures = self._down.get(index, (0, 0.0))[0] + 1
+        pause = backoff_seconds(failures, base=0.5, cap=5.0)
+        self._down[index] = (failures, time.monotonic() + pause)
+        client = self._clients.pop(index, None)
+        if client is not None:
+            with suppress(OSError):
+                client.close()
+        if self._finished is not None and self._finished.index == index:
+            self._finished = None  # handed out again: its next execution finds it recorded
+        if len(self._down) == len(self.settings.beanstalkd):
+            raise err
+        log.warning("%s; working with the other servers, trying it again in %.1f s", err, pause)
 
     def _reserve_on(self, index: int, timeout: int) -> greenstalk.Job[bytes] | None:
         """Reserve from server ``index``, sending the last finished job's delete along."""
@@ -379,17 +414,19 @@ class Worker:
         A job naming no run that exists (forged or stale) is only buried.
         """
         reason = f"{type(err).__name__}: {err}"
-        reserves = self._attempt = int(client.stats_job(job)["reserves"])
+        stats = client.stats_job(job)
+        reserves, priority = int(stats["reserves"]), int(stats["pri"])
+        self._attempt = reserves
         if reserves < UNRUNNABLE_RESERVES:
             log.warning("job %s %s() of %s: this worker cannot run it (%s); handing it back "
                         "(%d/%d)", envelope.job, envelope.method, envelope.runner, reason,
                         reserves, UNRUNNABLE_RESERVES)
-            client.release(job, delay=1)
+            client.release(job, priority=priority, delay=1)
             return UNRUNNABLE
         recorded = execution.fail_unrunnable(envelope, reason)
         log.error("burying job %s %s() of %s%s: %s", envelope.job, envelope.method,
                   envelope.runner, "" if recorded else " (no such run)", reason)
-        client.bury(job)
+        client.bury(job, priority=priority)
         if recorded:
             self._note_buried(job, envelope)
         return FAILED
@@ -413,7 +450,7 @@ class Worker:
         except BaseException as err:  # anything the job raised is the job's failure
             return self._on_job_error(client, job, runner, envelope, err)
         if isinstance(result, execution.Verdict):
-            client.release(job, delay=PARK_SECONDS)
+            client.release(job, priority=runner._job_priority(envelope.job), delay=PARK_SECONDS)
             if execution.ready(runner, envelope):
                 # NOT_FOUND: the straggler's own kick came first; the job is ready already.
                 with suppress(greenstalk.NotFoundError):
@@ -449,7 +486,7 @@ class Worker:
             return self._on_job_error(client, job, runner, envelope, err)
         except ForkServerGone as err:  # not the job's fault: another worker takes it
             log.error("%s: handing job %s back and stopping this worker", err, envelope.job)
-            client.release(job)
+            client.release(job, priority=runner._job_priority(envelope.job))
             self.stopping, self.exit_code = True, 1
             return UNRUNNABLE
         self._attempt = ended.attempt
@@ -471,7 +508,8 @@ class Worker:
             log.warning("job %s %s() of run %s raised %r; retry %d/%d in %.1f s", envelope.job,
                         envelope.method, envelope.run, err, attempts, limit, pause,
                         extra={**fields, "error": repr(err), "retry_in": round(pause, 3)})
-            client.release(job, delay=math.ceil(pause))
+            client.release(job, priority=runner._job_priority(envelope.job),
+                           delay=math.ceil(pause))
             return RETRIED
         if execution.handle(runner, envelope, err):
             log.info("job %s %s() of run %s raised %r; handle_error supplied its value",
@@ -502,7 +540,7 @@ class Worker:
         except BaseException as second:
             log.error("job %s %s(): recording its failure failed too: %s: %s", envelope.job,
                       envelope.method, type(second).__name__, second)
-        client.bury(job)
+        client.bury(job, priority=runner._job_priority(envelope.job))
         self._note_buried(job, envelope)
 
     def _note_buried(self, job: greenstalk.Job[bytes], envelope: Envelope) -> None:

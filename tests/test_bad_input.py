@@ -93,7 +93,7 @@ CASES: list[tuple[str, Call, type[packmule.PackmuleError], str]] = [
      packmule.ConfigurationError, "max_retries"),
     ("priority below 0", lambda: Counted("bad", priority=-1),
      packmule.ConfigurationError, "priority"),
-    ("priority over 2**32-1", lambda: Counted("bad", priority=2**32),
+    ("priority over the last level", lambda: Counted("bad", priority=256),
      packmule.ConfigurationError, "priority"),
     ("configured tube with a colon", lambda: packmule.configure(tube="a:b"),
      packmule.ConfigurationError, "'a:b'"),
