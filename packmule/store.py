@@ -15,7 +15,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
@@ -23,6 +23,7 @@ from pymemcache.exceptions import (
     MemcacheError,
     MemcacheServerError,
     MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
 )
 
 from packmule.config import Address, format_address
@@ -138,6 +139,27 @@ class Quiet:
             return (f"{self.command} {self.key} 0 {ttl} {len(self.value)} noreply\r\n".encode()
                     + self.value + b"\r\n")
         return f"{self.command} {self.key} {self.value} noreply\r\n".encode()
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A command whose reply is read, for :meth:`Store.in_one_write`: add, incr or get."""
+
+    command: str
+    key: str
+    value: int | bytes = 1
+
+    def line(self, ttl: int) -> bytes:
+        """The command in memcached's text protocol."""
+        if self.command == "get":
+            return f"get {self.key}\r\n".encode()
+        if isinstance(self.value, bytes):
+            return (f"{self.command} {self.key} 0 {ttl} {len(self.value)}\r\n".encode()
+                    + self.value + b"\r\n")
+        return f"{self.command} {self.key} {self.value}\r\n".encode()
+
+
+Reply = bool | int | bytes | None  # add: stored?; incr: the new value or None; get: value or None
 
 
 class Store:
@@ -298,6 +320,28 @@ class Store:
             raise StoreUnavailable(self.names[index], f"memcached incr of {key}: {reply!r}")
         return int(reply)
 
+    def in_one_write(self, commands: Sequence[Quiet | Ask]) -> list[Reply] | None:
+        """Send ``commands`` in one write and read the replies of the Asks, in order.
+
+        memcached applies one connection's commands in order, so a completion
+        can record a value, count it and read its batch in one round trip.
+        Only for commands whose keys all live on one server, and values of
+        at most 1,000 bytes (no item size is smaller): None, nothing sent,
+        if the keys are spread over the pool.
+
+        Raises:
+            ServerRefused: memcached answered an Ask with an error (out of
+                memory under ``-M``): the connection is closed (the rest of
+                its replies are unread) and the Quiet writes are applied.
+            StoreUnavailable: as for any command.
+        """
+        index = self.server_of(commands[0].key)
+        if any(self.server_of(c.key) != index for c in commands[1:]):
+            return None
+        payload = b"".join(c.line(self.ttl) for c in commands)
+        asks = [c for c in commands if isinstance(c, Ask)]
+        return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
+
     def send_quietly(self, writes: Sequence[Quiet]) -> None:
         """Send progress counters and markers without waiting for replies."""
         for write in writes:
@@ -371,6 +415,69 @@ class Store:
         """Close every connection."""
         for client in self._clients:
             client.close()
+
+
+def _exchange(client: Client, payload: bytes, asks: list[Ask]) -> list[Reply]:
+    """Send ``payload`` on ``client``'s socket and parse one reply per Ask.
+
+    pymemcache reads every reply of its own commands in full, so nothing is
+    left in the socket between commands, and this leaves nothing either.
+    """
+    if client.sock is None:
+        client._connect()
+    sock = client.sock
+    try:
+        sock.sendall(payload)
+        reader = _Replies(sock)
+        return [reader.reply(ask) for ask in asks]
+    except BaseException:
+        client.close()  # replies left unread would answer the next command
+        raise
+
+
+class _Replies:
+    """Reads memcached replies from a socket, one Ask at a time."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock, self.buf = sock, b""
+
+    def _line(self) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            self._more()
+        line, self.buf = self.buf[:end], self.buf[end + 2:]
+        return line
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise MemcacheUnexpectedCloseError()
+        self.buf += data
+
+    def reply(self, ask: Ask) -> Reply:
+        line = self._line()
+        if ask.command == "get" and line.startswith(b"VALUE "):
+            size = int(line.split()[3])
+            while len(self.buf) < size + 2:
+                self._more()
+            value, self.buf = self.buf[:size], self.buf[size + 2:]
+            if self._line() != b"END":
+                raise MemcacheUnknownError(f"no END after the value of {ask.key}")
+            return value
+        known = _REPLIES[ask.command]
+        if line in known:
+            return known[line]
+        if ask.command == "incr" and line.isdigit():
+            return int(line)
+        if line.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")):
+            raise MemcacheServerError(line.partition(b" ")[2])
+        raise MemcacheUnknownError(f"memcached {ask.command} of {ask.key}: {line!r}")
+
+
+_REPLIES: dict[str, dict[bytes, Reply]] = {
+    "get": {b"END": None},
+    "add": {b"STORED": True, b"NOT_STORED": False},
+    "incr": {b"NOT_FOUND": None},
+}
 
 
 def _words(err: MemcacheError) -> str:
