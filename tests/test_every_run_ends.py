@@ -191,8 +191,11 @@ def test_kick_and_purge_act_on_one_runs_leftovers(env: dict[str, str], workers: 
         return {state: stats.get(f"current-jobs-{state}", 0)
                 for state in ("ready", "reserved", "delayed", "buried")}
 
-    # Each failed run keeps its buried job and its parked aggregate, for a kick.
-    assert tube() == {"ready": 0, "reserved": 0, "delayed": 2, "buried": 2}
+    # Each failed run keeps its buried job and its parked aggregate, for a kick. The
+    # run reads failed once its aggregate recorded the failure, a moment before that
+    # aggregate's job parks itself again.
+    wait_until(lambda: tube() == {"ready": 0, "reserved": 0, "delayed": 2, "buried": 2},
+               timeout=10, what="each failed run's buried job and parked aggregate")
     fix.touch()
     assert f"run {kept}: kicked 1 buried job(s)" in _cli(env, "kick", "--run", kept).stdout
     wait_until(lambda: Flaky("kept").update_progress().state == "done", timeout=30,
