@@ -1,6 +1,8 @@
 """The floor: a careful hand-written fan-out/fan-in worker over beanstalkd and memcached.
 
-    python floor_worker.py BEANSTALKD_PORT MEMCACHED_PORT TUBE
+    python floor_worker.py BEANSTALKD_PORT MEMCACHED_PORT TUBE [JOBS]
+
+(with JOBS, it exits after that many jobs: instructions.py counts them.)
 
 A job body is ``RUN INDEX``. The worker stores the job's value under
 ``RUN:v:INDEX`` and decrements ``RUN:left``; the worker that brings it to 0
@@ -37,13 +39,15 @@ def connect_memcached(port: int) -> socket.socket:
 
 def main() -> None:
     beanstalkd_port, memcached_port, tube = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    jobs = int(sys.argv[4]) if len(sys.argv) > 4 else -1
     queue = greenstalk.Client((HOST, beanstalkd_port), encoding=None, watch=tube,
                               use=tube + "-done")
     queue._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     send, reader = queue._sock.sendall, queue._reader
     store = connect_memcached(memcached_port)
     finished = b""  # the delete of the last finished job, sent with the next reserve
-    while True:
+    while jobs != 0:
+        jobs -= 1
         send(finished + b"reserve\r\n")
         if finished:
             assert reader.readline() == b"DELETED\r\n"
@@ -59,6 +63,7 @@ def main() -> None:
         if left == b"0\r\n":
             queue.put(run)
         finished = b"delete %b\r\n" % job_id
+    send(finished)
 
 
 if __name__ == "__main__":

@@ -259,8 +259,13 @@ CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` (all its threads) so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+    return int(fields[11]) / CLOCK_TICK, int(fields[12]) / CLOCK_TICK
 
 
 def sleeps(pid: int) -> int:
@@ -304,20 +309,26 @@ class CpuMeter:
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
         self.used: dict[str, float] = dict.fromkeys(groups, 0.0)
+        self.system: dict[str, float] = dict.fromkeys(groups, 0.0)  # the kernel's part of used
         self.waits: dict[str, int] = dict.fromkeys(groups, 0)
-        self._before: dict[str, tuple[float, int]] = {}
+        self._before: dict[str, tuple[float, float, int]] = {}
 
-    def _now(self) -> dict[str, tuple[float, int]]:
-        return {name: (sum(cpu_seconds(p) for p in pids), sum(sleeps(p) for p in pids))
-                for name, pids in self.groups.items()}
+    def _now(self) -> dict[str, tuple[float, float, int]]:
+        now = {}
+        for name, pids in self.groups.items():
+            splits = [cpu_split(p) for p in pids]
+            now[name] = (sum(u + s for u, s in splits), sum(s for _, s in splits),
+                         sum(sleeps(p) for p in pids))
+        return now
 
     def start(self) -> None:
         self._before = self._now()
 
     def stop(self) -> None:
-        for name, (cpu, waits) in self._now().items():
+        for name, (cpu, system, waits) in self._now().items():
             self.used[name] += cpu - self._before[name][0]
-            self.waits[name] += waits - self._before[name][1]
+            self.system[name] += system - self._before[name][1]
+            self.waits[name] += waits - self._before[name][2]
 
     def per_job(self, jobs: int) -> dict[str, float]:
         """Microseconds of CPU per job, by group and in total."""
@@ -326,6 +337,10 @@ class CpuMeter:
 
     def line(self, jobs: int) -> str:
         return " | ".join(f"{name} {us:.0f}" for name, us in self.per_job(jobs).items()) + " us"
+
+    def system_line(self, jobs: int) -> str:
+        return " | ".join(f"{name} {self.system[name] / jobs * 1e6:.0f}" for name in self.groups
+                          if name != "etcd") + " us"
 
     def waits_line(self, jobs: int) -> str:
         return " | ".join(f"{name} {count / jobs:.2f}" for name, count in self.waits.items()
@@ -391,6 +406,7 @@ def report_size(shapes: Shapes, count: int, reps: int, meters: dict[str, CpuMete
                              f"; after the aggregate's first line: "
                              f"{fmt_s(shapes.median(count, shape, 'after'))} (sum, run's end in etcd)"))
         say(f"{'':<25} cpu/job: {meters[shape].line(count * reps)}")
+        say(f"{'':<25}   of which in the kernel: {meters[shape].system_line(count * reps)}")
         say(f"{'':<25} waits/job: {meters[shape].waits_line(count * reps)}")
 
 

@@ -59,6 +59,8 @@ def backends() -> Backends:
     """This thread's connections for the settings in force."""
     current = settings()
     cached: Backends | None = getattr(_local, "backends", None)
+    if cached is not None and cached.settings is current and _local.pid == os.getpid():
+        return cached  # the common case, per job and per enqueue: no settings compared
     if cached is None or cached.settings != current or getattr(_local, "pid", None) != os.getpid():
         if cached is not None and getattr(_local, "pid", None) == os.getpid():
             cached.close()

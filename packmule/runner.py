@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class Context:
     failed_wait: tuple[BaseException, Callable[[], JobRef]] | None = None
     # Single enqueues of a caller, put without waiting for beanstalkd's reply
     # (batch, job, method, reply), and jobs found not put: see _settle.
-    sent: list[tuple[str, int, str, Sent]] = field(default_factory=list)
+    sent: deque[tuple[str, int, str, Sent]] = field(default_factory=deque)
     unput: dict[int, str] = field(default_factory=dict)
 
 
@@ -549,18 +550,13 @@ def _settle(context: Context, *, wait: bool = True) -> None:
     if wait:
         context.scope.backends.queue.catch_up()
     first: tuple[int, str, Exception] | None = None
-    pending = []
-    for entry in context.sent:
-        batch, number, method, sent = entry
-        if not sent.read:
-            pending.append(entry)
-            continue
+    while context.sent and context.sent[0][3].read:  # in the order sent (read so, per server)
+        batch, number, method, sent = context.sent.popleft()
         if sent.job_id is None:
             _uncount(context, batch, 1)
             context.unput[number] = f"{type(sent.error).__name__}: {sent.error}"
         if sent.error is not None and first is None:
             first = number, method, sent.error
-    context.sent = pending
     if first is not None:
         raise _naming_job(*first) from first[2]
 
