@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from packmule.config import Settings, settings
 from packmule.coord import Coordinator
@@ -27,6 +28,9 @@ class Backends:
     # Sizes of closed batches seen by this thread (they never change once closed),
     # so a completion skips reading the batch record until the batch may be done.
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    # A worker's run scopes (packmule.aggregate.RunScope) by (run, lease, identity,
+    # counting progress): built once per run, not per job.
+    scopes: dict[tuple[str, int, str, bool], Any] = field(default_factory=dict)
 
     @cached_property
     def queue(self) -> Queue:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
@@ -52,6 +52,8 @@ class RunKeys:
     def _key(self, *parts: object) -> str:
         return self._prefix + ":".join(map(str, parts))
 
+    # The keys of every job's completion are spelled out: they are built per job.
+
     @property
     def sequence(self) -> str:
         """Counter: ``incr`` on it allocates job numbers (never decremented)."""
@@ -65,7 +67,7 @@ class RunKeys:
     @property
     def completed(self) -> str:
         """Counter: jobs that finished with a value."""
-        return self._key("completed")
+        return f"{self._prefix}completed"
 
     @property
     def failed(self) -> str:
@@ -89,7 +91,7 @@ class RunKeys:
 
     def job(self, number: int) -> str:
         """A job's record: its outcome once it finished."""
-        return self._key("j", number)
+        return f"{self._prefix}j:{number}"
 
     def allocation(self, origin: str, index: int) -> str:
         """The job numbers a job's ``index``-th enqueue got, replayed if it runs again."""
@@ -97,11 +99,11 @@ class RunKeys:
 
     def batch(self, batch: str) -> str:
         """A batch's record: its size once closed, and who waits on it."""
-        return self._key("b", batch)
+        return f"{self._prefix}b:{batch}"
 
     def batch_done(self, batch: str) -> str:
         """Counter: completions counted in a batch (redeliveries may count twice)."""
-        return self._key("d", batch)
+        return f"{self._prefix}d:{batch}"
 
     def aggregate(self, number: int) -> str:
         """An aggregate's description: method, dependencies, where its job is parked."""
@@ -125,9 +127,11 @@ class RunKeys:
         return self._key("s", index)
 
 
-@dataclass(frozen=True)
-class Quiet:
-    """A write nobody waits for (a progress counter, a marker): incr, decr or append."""
+class Quiet(NamedTuple):
+    """A write nobody waits for (a progress counter, a marker): incr, decr or append.
+
+    (A NamedTuple, not a frozen dataclass: a completion builds several.)
+    """
 
     command: str
     key: str
@@ -141,8 +145,7 @@ class Quiet:
         return f"{self.command} {self.key} {self.value} noreply\r\n".encode()
 
 
-@dataclass(frozen=True)
-class Ask:
+class Ask(NamedTuple):
     """A command whose reply is read, for :meth:`Store.in_one_write`: add, incr or get."""
 
     command: str
