@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -178,14 +179,17 @@ def rss_kb(pid: int) -> tuple[int, int]:
 
 
 # The floor ------------------------------------------------------------------------------
+VALUE = re.compile(rb"VALUE (\S+) \d+ (\d+)\r\n")
+
+
 class Floor:
     """Caller side of the hand-written fan-out/fan-in (workers: floor_worker.py).
 
     Driven like packmule's ``run()``: this process sets the counter, puts the
     jobs (pipelined: a chunk of puts per write, as ``enqueue_each`` does), is
     woken when the last job finished (a job on ``floor-done``, where packmule's
-    caller has its etcd watch), reads every value (pymemcache ``get_many``,
-    5,000 keys a request, as packmule's gather) and calls the aggregate.
+    caller has its etcd watch), reads every value (5,000 keys a ``get``, the
+    reply parsed by hand, as packmule's gather) and calls the aggregate.
     """
 
     CHUNK = 500
@@ -197,6 +201,8 @@ class Floor:
                                        use=FLOOR_TUBE, watch=FLOOR_TUBE + "-done")
         self.queue._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.store = Memcache(("127.0.0.1", self.memcached_port), no_delay=True)
+        self.memcached = socket.create_connection(("127.0.0.1", self.memcached_port))
+        self.memcached.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def argv(self) -> list[str]:
         return [sys.executable, str(BENCH / "floor_worker.py"), str(self.beanstalkd_port),
@@ -227,12 +233,28 @@ class Floor:
                 assert reply.startswith(b"INSERTED"), reply
 
     def _values(self, run: str, count: int) -> list[float]:
-        keys = [f"{run}:v:{index}" for index in range(count)]
+        """Every value, 5,000 keys a ``get``, the reply parsed by hand (as packmule does)."""
         values: list[float] = []
         for start in range(0, count, 5000):
-            found = self.store.get_many(keys[start:start + 5000])
-            values.extend(float(found[key]) for key in keys[start:start + 5000])
+            keys = [b"%b:v:%d" % (run.encode(), index)
+                    for index in range(start, min(count, start + 5000))]
+            self.memcached.sendall(b"get " + b" ".join(keys) + b"\r\n")
+            found = self._parse_get()
+            values.extend(float(found[key]) for key in keys)
         return values
+
+    def _parse_get(self) -> dict[bytes, bytes]:
+        buf, pos, found = b"", 0, {}
+        while True:
+            head = VALUE.match(buf, pos)
+            if head is None or len(buf) < head.end() + int(head[2]) + 2:
+                if head is None and buf.startswith(b"END\r\n", pos):
+                    return found
+                buf, pos = buf[pos:] + self.memcached.recv(1 << 20), 0
+                continue
+            end = head.end() + int(head[2])
+            found[head[1]] = buf[head.end():end]
+            pos = end + 2
 
 
 # packmule's shapes ------------------------------------------------------------------------

@@ -248,15 +248,18 @@ def add_waiter(scope: RunScope, batch: str, size: int, waiter: Waiter) -> None:
             return
 
 
-def batches_state(scope: RunScope, batches: list[str]) -> str:
-    """``done``, ``pending`` or ``lost`` for these batches together."""
+def batches_state(scope: RunScope, batches: list[str],
+                  found: dict[str, bytes] | None = None) -> str:
+    """``done``, ``pending`` or ``lost`` for these batches together.
+
+    ``found``: their records and counters, if read already.
+    """
     if not batches:
         return "done"
     keys = scope.keys
-    found = scope.backends.store.get_many(
-        [keys.batch(b) for b in batches] + [keys.batch_done(b) for b in batches]
-    )
-    if len(found) < 2 * len(batches):
+    wanted = [keys.batch(b) for b in batches] + [keys.batch_done(b) for b in batches]
+    found = scope.backends.store.get_many(wanted) if found is None else found
+    if any(key not in found for key in wanted):
         return "lost"
     done = all(int(found[keys.batch_done(b)]) >= loads(found[keys.batch(b)])["k"] for b in batches)
     return "done" if done else "pending"
@@ -442,11 +445,11 @@ def _notify(scope: RunScope, job: int, batch: str, done: int | None,
     sizes[batch] = record["k"]
     if done < record["k"]:
         return []
-    chained = (trigger(scope, waiter) for waiter in record["w"])
+    chained = (trigger(scope, waiter, batch) for waiter in record["w"])
     return [completion for completion in chained if completion is not None]
 
 
-def trigger(scope: RunScope, waiter: Waiter) -> Completion | None:
+def trigger(scope: RunScope, waiter: Waiter, batch: str | None = None) -> Completion | None:
     """Act for a waiter whose batches look complete.
 
     An aggregate is fired (if it is ready). A chained job can finish once its
@@ -454,10 +457,11 @@ def trigger(scope: RunScope, waiter: Waiter) -> Completion | None:
     record. A batch counted complete while its source has no outcome yet
     (a redelivered sibling counted twice) is not a loss: the source's own
     completion triggers the waiter again. Only memcached having lost the
-    run's state makes the missing value a loss.
+    run's state makes the missing value a loss. ``batch``: the batch whose
+    completion triggers the waiter, if one does.
     """
     if waiter[0] == "a":
-        try_fire(scope, waiter[1])
+        try_fire(scope, waiter[1], batch)
         return None
     _, chained, source, chained_batch = waiter
     raw = scope.backends.store.get(scope.keys.job(source))
@@ -560,21 +564,29 @@ def dependencies(scope: RunScope, record: dict[str, Any]) -> list[int]:
     return [n for name in names for n in from_ranges(loads(found[name]))]
 
 
-def try_fire(scope: RunScope, number: int) -> None:
+def try_fire(scope: RunScope, number: int, batch: str | None = None) -> None:
     """Fire aggregate ``number`` if its batches are complete. Idempotent.
+
+    ``batch``: the batch whose completion asks (see :func:`trigger`).
 
     Firing only says "every dependency was counted": whoever consumes the
     aggregate (the blocked caller, or the aggregate's own job) reads the
     values once and settles it (see :func:`settle`), so the outcomes are
     read once per fan-in, not twice.
     """
-    record = aggregate_record(scope, number)
-    if record is None:
+    keys = scope.keys
+    # The batch whose completion triggered this is read with the description:
+    # an aggregate waiting on that batch alone needs no second read.
+    hint = [] if batch is None else [keys.batch(batch), keys.batch_done(batch)]
+    found = scope.backends.store.get_many([keys.aggregate(number), *hint])
+    if keys.aggregate(number) not in found:
         report_loss(scope, [number], "the aggregate's description is gone")
         return
+    record = dict(loads(found[keys.aggregate(number)]))
     if runs.is_cancelled(scope.backends, scope.run):
         return
-    state = batches_state(scope, record["batches"])
+    batches = record["batches"]
+    state = batches_state(scope, batches, found if batches == [batch] else None)
     if state == "lost":
         report_loss(scope, [number], "the completion counters of its batches are gone")
     elif state == "done":
@@ -612,17 +624,19 @@ def _gather_chunk(scope: RunScope, numbers: list[int], gathered: Gathered) -> No
     # One JSON array for the whole chunk: a json.loads per record costs more than the read.
     joined = b"[" + b",".join(found[name] for name in names if name in found) + b"]"
     records = iter(loads(joined) if MARK_BYTES not in joined else restore(loads(joined)))
+    values = gathered.values
     for number, name in zip(numbers, names, strict=True):
         if name not in found:
             gathered.missing.append(number)
-            gathered.values.append(MISSING)
+            values.append(MISSING)
             continue
-        outcome = Outcome.from_record(next(records))
-        if outcome.ok:
-            gathered.values.append(outcome.value)
-        else:
-            gathered.values.append(Failure(outcome.job, outcome.traceback))
-            gathered.failure = gathered.failure or outcome
+        record = next(records)
+        if "v" in record:  # a value (see Outcome.encode): no Outcome built for each of thousands
+            values.append(record["v"])
+            continue
+        outcome = Outcome.from_record(record)
+        values.append(Failure(outcome.job, outcome.traceback))
+        gathered.failure = gathered.failure or outcome
 
 
 WAIT = "wait"

@@ -366,8 +366,8 @@ class Runner:
         """
         scope = context.scope
         try:
-            waiting.until_fired(scope, ref.number)
-            values = waiting.settled_values(scope, record)
+            values = waiting.until_fired(scope, ref.number,
+                                         lambda: waiting.settled_values(scope, record))
         except RunFailed as err:
             context.failed_wait = (err, hand_over)
             raise

@@ -12,6 +12,7 @@ counters are written without a reply.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -343,7 +344,8 @@ class Store:
             return None
         payload = b"".join(c.line(self.ttl) for c in commands)
         asks = [c for c in commands if isinstance(c, Ask)]
-        return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
+        return self._call(index, asks[0].command, lambda c: _exchange(
+            c, payload, lambda replies: [replies.reply(ask) for ask in asks]))
 
     def send_quietly(self, writes: Sequence[Quiet]) -> None:
         """Send progress counters and markers without waiting for replies."""
@@ -390,13 +392,22 @@ class Store:
         found: dict[str, bytes] = {}
         for index, group in self._by_server(keys).items():
             for start in range(0, len(group), 5000):
-                chunk = group[start:start + 5000]
-                found.update(self._call(index, "get", lambda c, k=chunk: c.get_many(k)))  # type: ignore[misc]
+                found.update(self.get_at(index, group[start:start + 5000]))
         return found
 
     def get_at(self, index: int, keys: list[str]) -> dict[str, bytes]:
-        """Values of ``keys`` read from server ``index`` regardless of hashing."""
-        return dict(self._call(index, "get", lambda c: c.get_many(keys)))
+        """Values of ``keys`` read from server ``index`` regardless of hashing.
+
+        The reply is parsed here, not by pymemcache, whose parser costs
+        several microseconds a value: an aggregate over 10,000 jobs reads
+        10,000 of them while its caller waits.
+        """
+        if not keys:
+            return {}
+        wanted = {key.encode(): key for key in keys}
+        payload = b"get " + b" ".join(wanted) + b"\r\n"
+        found = self._call(index, "get", lambda c: _exchange(c, payload, _Replies.values))
+        return {wanted[key]: value for key, value in found.items()}
 
     def evictions(self, index: int) -> int:
         """How many items server ``index`` evicted since it started (its ``stats``)."""
@@ -420,8 +431,8 @@ class Store:
             client.close()
 
 
-def _exchange(client: Client, payload: bytes, asks: list[Ask]) -> list[Reply]:
-    """Send ``payload`` on ``client``'s socket and parse one reply per Ask.
+def _exchange(client: Client, payload: bytes, read: Callable[[_Replies], T]) -> T:
+    """Send ``payload`` on ``client``'s socket and ``read`` its replies.
 
     pymemcache reads every reply of its own commands in full, so nothing is
     left in the socket between commands, and this leaves nothing either.
@@ -431,53 +442,81 @@ def _exchange(client: Client, payload: bytes, asks: list[Ask]) -> list[Reply]:
     sock = client.sock
     try:
         sock.sendall(payload)
-        reader = _Replies(sock)
-        return [reader.reply(ask) for ask in asks]
+        return read(_Replies(sock))
     except BaseException:
         client.close()  # replies left unread would answer the next command
         raise
 
 
 class _Replies:
-    """Reads memcached replies from a socket, one Ask at a time."""
+    """Reads memcached replies from a socket, in order, parsing them in place."""
 
     def __init__(self, sock: Any) -> None:
-        self.sock, self.buf = sock, b""
+        self.sock, self.buf, self.pos = sock, b"", 0
 
     def _line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
+        while (end := self.buf.find(b"\r\n", self.pos)) < 0:
             self._more()
-        line, self.buf = self.buf[:end], self.buf[end + 2:]
+        line, self.pos = self.buf[self.pos:end], end + 2
         return line
 
     def _more(self) -> None:
-        data = self.sock.recv(65536)
+        data = self.sock.recv(1 << 20)
         if not data:
             raise MemcacheUnexpectedCloseError()
-        self.buf += data
+        self.buf = self.buf[self.pos:] + data
+        self.pos = 0
 
     def reply(self, ask: Ask) -> Reply:
+        """The reply to one Ask: add -> stored?, incr -> the value or None, get -> the value or None."""
+        if ask.command == "get":
+            found = self.values()
+            return found[next(iter(found))] if found else None
         line = self._line()
-        if ask.command == "get" and line.startswith(b"VALUE "):
-            size = int(line.split()[3])
-            while len(self.buf) < size + 2:
-                self._more()
-            value, self.buf = self.buf[:size], self.buf[size + 2:]
-            if self._line() != b"END":
-                raise MemcacheUnknownError(f"no END after the value of {ask.key}")
-            return value
         known = _REPLIES[ask.command]
         if line in known:
             return known[line]
         if ask.command == "incr" and line.isdigit():
             return int(line)
-        if line.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")):
-            raise MemcacheServerError(line.partition(b" ")[2])
-        raise MemcacheUnknownError(f"memcached {ask.command} of {ask.key}: {line!r}")
+        raise _unexpected(line, f"memcached {ask.command} of {ask.key}")
+
+    def values(self) -> dict[bytes, bytes]:
+        """The values a ``get`` of one or more keys found, by key.
+
+        One regular expression match per value (a few hundred nanoseconds):
+        an aggregate's caller reads thousands while it waits.
+        """
+        found: dict[bytes, bytes] = {}
+        while True:
+            head = _VALUE.match(self.buf, self.pos)
+            if head is None:
+                if self.buf.startswith(b"END\r\n", self.pos):
+                    self.pos += 5
+                    return found
+                if self.buf.find(b"\r\n", self.pos) >= 0:  # a whole line, neither
+                    raise _unexpected(self._line(), "memcached get")
+                self._more()
+                continue
+            start = head.end()
+            end = start + int(head[2])
+            if len(self.buf) < end + 2:
+                self._more()
+                continue
+            found[head[1]] = self.buf[start:end]
+            self.pos = end + 2
+
+
+_VALUE = re.compile(rb"VALUE (\S+) \d+ (\d+)(?: \d+)?\r\n")
+
+
+def _unexpected(line: bytes, what: str) -> MemcacheError:
+    """A refusal memcached stated (raised as ServerRefused), or a stream out of step."""
+    if line.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")):
+        return MemcacheServerError(line.partition(b" ")[2])
+    return MemcacheUnknownError(f"{what}: {line!r}")
 
 
 _REPLIES: dict[str, dict[bytes, Reply]] = {
-    "get": {b"END": None},
     "add": {b"STORED": True, b"NOT_STORED": False},
     "incr": {b"NOT_FOUND": None},
 }
