@@ -461,7 +461,8 @@ class _Replies:
         return line
 
     def _more(self) -> None:
-        data = self.sock.recv(1 << 20)
+        # 64 KB: a larger buffer is mapped and unmapped by malloc, two system calls a read.
+        data = self.sock.recv(65536)
         if not data:
             raise MemcacheUnexpectedCloseError()
         self.buf = self.buf[self.pos:] + data
