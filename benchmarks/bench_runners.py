@@ -63,6 +63,13 @@ class FanInTrace(FanInClock):
         return [time.time(), max(finished)]
 
 
+class LoopTrace(FanInTrace):
+    """FanInTrace fanned out by a loop of ``enqueue``."""
+
+    def fan_out(self, count: int) -> list[Any]:
+        return [self.enqueue("stamp", index) for index in range(count)]
+
+
 class Driven(Runner):
     """Calls the benchmark's function inside its run, where enqueue works (no workers)."""
 

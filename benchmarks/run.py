@@ -714,13 +714,14 @@ def profile_producer(count: int) -> None:
         say(f"   {hits / total:6.1%}  ~{hits / total * per_call:5.1f} us  {name}")
 
 
-def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
-    """Split the fan-in latency (N=100, caller context) along its path, from timestamps.
+def profile_fanin(env: dict[str, str], procs: Procs, runs: int, *, count: int = 100,
+                  shape: str = "each") -> None:
+    """Split the fan-in latency (caller context) along its path, from timestamps.
 
     Extra workers import benchmarks/fanin_probe.py, which wraps a few packmule
     functions; so does this process, for the rest of its life (run this last).
     """
-    from bench_runners import FanInTrace
+    from bench_runners import FanInTrace, LoopTrace
 
     folder = Path(tempfile.mkdtemp(prefix="packmule-bench-trace-"))
     tube = "bench-trace"
@@ -740,7 +741,8 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
         with deadline(300, "fan-in trace"):
             for index in range(runs + 3):
                 begin = time.time()
-                called, last = FanInTrace("trace", tube=tube).run(100)
+                runner = (LoopTrace if shape == "loop" else FanInTrace)("trace", tube=tube)
+                called, last = runner.run(count)
                 if index >= 3:  # warm-up: imports, connections
                     windows.append((begin, time.time(), called, last))
     finally:
@@ -786,7 +788,7 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
         ]
         for label, a, b in points:
             segments.setdefault(label, []).append(b - a)
-    say(f"== profile: fan-in path, N=100, caller context, {len(windows)} traced runs "
+    say(f"== profile: fan-in path, N={count}, {LABELS[shape]}, caller context, {len(windows)} traced runs "
         f"({caller_fired} fired by the caller itself, left out); medians:")
     for label, values in segments.items():
         say(f"   {statistics.median(values) * 1000:6.2f} ms  {label}")
