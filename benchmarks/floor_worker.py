@@ -1,8 +1,11 @@
 """The floor: a careful hand-written fan-out/fan-in worker over beanstalkd and memcached.
 
-    python floor_worker.py BEANSTALKD_PORT MEMCACHED_PORT TUBE [JOBS]
+    python floor_worker.py BEANSTALKD_PORT MEMCACHED_PORT TUBE [JOBS] [--plain]
 
-(with JOBS, it exits after that many jobs: instructions.py counts them.)
+(with JOBS, it exits after that many jobs: instructions.py counts them;
+-1 for no limit.) ``--plain``: the same work written the plain way, one
+library call per command (greenstalk reserve and delete, pymemcache set and
+decr): what hand-written code usually looks like, for reference.
 
 A job body is ``RUN INDEX``. The worker stores the job's value under
 ``RUN:v:INDEX`` and decrements ``RUN:left``; the worker that brings it to 0
@@ -27,6 +30,7 @@ import sys
 import time
 
 import greenstalk
+from pymemcache.client.base import Client
 
 HOST = "127.0.0.1"
 
@@ -37,12 +41,29 @@ def connect_memcached(port: int) -> socket.socket:
     return sock
 
 
+def plain(queue: greenstalk.Client[bytes], memcached_port: int, jobs: int) -> None:
+    """The same work, one library call per command: three round trips a job, one write unanswered."""
+    store = Client((HOST, memcached_port), no_delay=True)  # pymemcache's default: set is noreply
+    while jobs != 0:
+        jobs -= 1
+        job = queue.reserve()
+        run, index = job.body.split()
+        store.set(b"%b:v:%b" % (run, index), repr(time.time()).encode())
+        if store.decr(b"%b:left" % run, 1, noreply=False) == 0:
+            queue.put(run)
+        queue.delete(job)
+
+
 def main() -> None:
-    beanstalkd_port, memcached_port, tube = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    jobs = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+    args = [arg for arg in sys.argv[1:] if arg != "--plain"]
+    beanstalkd_port, memcached_port, tube = int(args[0]), int(args[1]), args[2]
+    jobs = int(args[3]) if len(args) > 3 else -1
     queue = greenstalk.Client((HOST, beanstalkd_port), encoding=None, watch=tube,
                               use=tube + "-done")
     queue._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if "--plain" in sys.argv:
+        plain(queue, memcached_port, jobs)
+        return
     send, reader = queue._sock.sendall, queue._reader
     store = connect_memcached(memcached_port)
     finished = b""  # the delete of the last finished job, sent with the next reserve

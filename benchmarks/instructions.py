@@ -84,7 +84,7 @@ def packmule_worker(env: dict[str, str], jobs: int) -> int:
 def floor_worker(floor: Floor, env: dict[str, str], jobs: int) -> int:
     """Instructions of a floor worker handling ``jobs`` jobs."""
     thread = threading.Thread(target=floor.run, args=(jobs,), daemon=True)
-    proc, out = callgrind([*floor.argv(), str(jobs)], env)
+    proc, out = callgrind(floor.argv(jobs), env)
     thread.start()
     thread.join(600)
     proc.wait(600)
@@ -126,9 +126,11 @@ def main() -> int:
         os.environ.update({k: v for k, v in env.items() if k.startswith("PACKMULE_")})
         config.reset()
         packmule.configure(tube=TUBE)
-        floor = Floor(servers)
+        floor, plain = Floor(servers), Floor(servers, plain=True)
         figures = {
             "floor worker": per_job(lambda n: floor_worker(floor, env, n), args.jobs, args.reps),
+            "plain floor worker": per_job(lambda n: floor_worker(plain, env, n), args.jobs,
+                                          args.reps),
             "packmule worker": per_job(lambda n: packmule_worker(env, n), args.jobs, args.reps),
             "producer, loop of enqueue": per_job(lambda n: producer(env, n), args.jobs,
                                                  args.reps),

@@ -56,8 +56,12 @@ FLOOR_TUBE = "floor"  # floor workers watch it
 IDLE_TUBE = "bench-idle"  # nobody watches it: enqueue and progress benchmarks
 WORKERS = 2
 PYTHONPATH = os.pathsep.join([str(BENCH), str(ROOT)])
-SHAPES = ("floor", "loop", "each")  # the floor, packmule's loop of enqueue, one enqueue_each
-LABELS = {"floor": "floor", "loop": "packmule loop of enqueue", "each": "packmule enqueue_each"}
+# The floor, the same written the plain way (for reference), packmule's loop of
+# enqueue and one enqueue_each.
+SHAPES = ("floor", "plain", "loop", "each")
+LABELS = {"floor": "floor", "plain": "plain floor (reference)", "loop": "packmule loop of enqueue",
+          "each": "packmule enqueue_each"}
+FLOORS = ("floor", "plain")
 # The issue's targets, N=10,000: wall time against the floor's, per shape; the
 # fan-in (last job's return -> aggregate's first line, values read) against
 # the floor's; the fan-in of N=100 in the caller.
@@ -194,19 +198,22 @@ class Floor:
 
     CHUNK = 500
 
-    def __init__(self, servers: LocalServers) -> None:
+    def __init__(self, servers: LocalServers, *, plain: bool = False) -> None:
+        self.plain = plain
+        self.tube = FLOOR_TUBE + ("-plain" if plain else "")
         self.beanstalkd_port = int(servers.beanstalkd_urls[0].rsplit(":", 1)[1])
         self.memcached_port = int(servers.memcached_urls[0].rsplit(":", 1)[1])
         self.queue = greenstalk.Client(("127.0.0.1", self.beanstalkd_port), encoding=None,
-                                       use=FLOOR_TUBE, watch=FLOOR_TUBE + "-done")
+                                       use=self.tube, watch=self.tube + "-done")
         self.queue._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.store = Memcache(("127.0.0.1", self.memcached_port), no_delay=True)
         self.memcached = socket.create_connection(("127.0.0.1", self.memcached_port))
         self.memcached.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def argv(self) -> list[str]:
+    def argv(self, jobs: int = -1) -> list[str]:
+        """A floor worker's command line (``jobs``: exit after that many)."""
         return [sys.executable, str(BENCH / "floor_worker.py"), str(self.beanstalkd_port),
-                str(self.memcached_port), FLOOR_TUBE]
+                str(self.memcached_port), self.tube, str(jobs), *(["--plain"] if self.plain else [])]
 
     def run(self, count: int) -> Sample:
         """One fan-out/fan-in of ``count`` jobs."""
@@ -271,8 +278,8 @@ def packmule_run(shape: str, count: int, *, name: str = "fanout") -> Sample:
     return Sample(called - started, fanned - began, fan_in, ended - called)
 
 
-def sample(shape: str, floor: Floor, count: int) -> Sample:
-    return floor.run(count) if shape == "floor" else packmule_run(shape, count)
+def sample(shape: str, floors: dict[str, Floor], count: int) -> Sample:
+    return floors[shape].run(count) if shape in floors else packmule_run(shape, count)
 
 
 # CPU accounting ------------------------------------------------------------------------
@@ -381,7 +388,7 @@ class Shapes:
         return statistics.median(getattr(s, what) for s in self.samples[(count, shape)])
 
 
-def bench_shapes(plan: Plan, floor: Floor, pids: dict[str, list[int]]) -> Shapes:
+def bench_shapes(plan: Plan, floors: dict[str, Floor], pids: dict[str, list[int]]) -> Shapes:
     say("== 1. fan-out/fan-in of N no-op jobs: the floor and packmule, same layout, same run")
     say(f"   {WORKERS} worker processes per system, started before the clock; this process is "
         "the caller: it fans out, is woken, reads every value and calls the aggregate.")
@@ -396,9 +403,10 @@ def bench_shapes(plan: Plan, floor: Floor, pids: dict[str, list[int]]) -> Shapes
             shapes.samples[(count, shape)] = []
         with deadline(1800, f"N={count}"):
             for rep in range(reps):
-                for shape in SHAPES[rep % 3:] + SHAPES[:rep % 3]:  # each goes first in turn
+                turn = rep % len(SHAPES)
+                for shape in SHAPES[turn:] + SHAPES[:turn]:  # each goes first in turn
                     meters[shape].start()
-                    shapes.samples[(count, shape)].append(sample(shape, floor, count))
+                    shapes.samples[(count, shape)].append(sample(shape, floors, count))
                     meters[shape].stop()
         for shape in SHAPES:
             shapes.cpu[(count, shape)] = meters[shape].per_job(count * reps)
@@ -414,17 +422,17 @@ def report_size(shapes: Shapes, count: int, reps: int, meters: dict[str, CpuMete
         runs = shapes.samples[(count, shape)]
         wall, fanin = shapes.median(count, shape), shapes.median(count, shape, "fan_in")
         ratio = "" if shape == "floor" else f"  {wall / floor_wall:.2f}x the floor"
-        target = ("" if shape == "floor" or count != 10_000 else
+        target = ("" if shape in FLOORS or count != 10_000 else
                   f" (target <= {WALL_TARGET[shape]}x: {verdict(wall / floor_wall <= WALL_TARGET[shape])})")
         say(f"{LABELS[shape]:<25} wall {fmt_s(wall):>10} {count / wall:7.0f} jobs/s{ratio}{target}"
             f"   [{', '.join(f'{s.wall:.3f}' for s in runs)}]")
         fan_ratio = "" if shape == "floor" else f"  {fanin / floor_fanin:.2f}x the floor's"
-        fan_target = ("" if shape == "floor" or count != 10_000 else
+        fan_target = ("" if shape in FLOORS or count != 10_000 else
                       f" (target <= {FANIN_TARGET}x: {verdict(fanin / floor_fanin <= FANIN_TARGET)})")
         say(f"{'':<25} fan-in {fmt_s(fanin):>8}{fan_ratio}{fan_target}"
             f"   [{', '.join(f'{s.fan_in * 1000:.1f}' for s in runs)} ms]")
         say(f"{'':<25} fan-out {fmt_s(shapes.median(count, shape, 'fan_out'))} (workers eating "
-            f"meanwhile)" + ("" if shape == "floor" else
+            f"meanwhile)" + ("" if shape in FLOORS else
                              f"; after the aggregate's first line: "
                              f"{fmt_s(shapes.median(count, shape, 'after'))} (sum, run's end in etcd)"))
         say(f"{'':<25} cpu/job: {meters[shape].line(count * reps)}")
@@ -433,14 +441,14 @@ def report_size(shapes: Shapes, count: int, reps: int, meters: dict[str, CpuMete
 
 
 # 2. Fan-in of a small run ------------------------------------------------------------------
-def bench_small_fanin(plan: Plan, floor: Floor) -> dict[str, list[float]]:
+def bench_small_fanin(plan: Plan, floors: dict[str, Floor]) -> dict[str, list[float]]:
     from bench_runners import FanInClock
 
     say("== 2. fan-in of N=100: last job's return -> aggregate's first line, values read")
     found: dict[str, list[float]] = {"floor": [], "caller (run)": [], "worker (run_async)": []}
     with deadline(600, "fan-in"):
         for _ in range(plan.fanin_runs):
-            found["floor"].append(floor.run(100).fan_in)
+            found["floor"].append(floors["floor"].run(100).fan_in)
             found["caller (run)"].append(FanInClock("fanin").run(100))
             runner = FanInClock("fanin-async")
             runner.run_async(100)
@@ -825,19 +833,21 @@ def main() -> int:
 
 def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: dict[str, str],
             procs: Procs, began: float) -> int:
-    floor = Floor(servers)
-    floor_workers = procs.start(floor.argv(), WORKERS)
+    floors = {"floor": Floor(servers), "plain": Floor(servers, plain=True)}
+    floor_workers = procs.start(floors["floor"].argv(), WORKERS)
+    plain_workers = procs.start(floors["plain"].argv(), WORKERS)
     workers = procs.start([sys.executable, "-m", "packmule", "--log-level", "WARNING", "worker",
                            "--import", "bench_runners", "--tube", TUBE], WORKERS)
     with deadline(120, "warm-up"):  # imports, connections: before any clock
         for shape in SHAPES:
-            sample(shape, floor, 200)
-    pids = {"floor": [p.pid for p in floor_workers], "loop": [p.pid for p in workers],
+            sample(shape, floors, 200)
+    pids = {"floor": [p.pid for p in floor_workers], "plain": [p.pid for p in plain_workers],
+            "loop": [p.pid for p in workers],
             "each": [p.pid for p in workers]}
-    shapes = bench_shapes(plan, floor, pids)
+    shapes = bench_shapes(plan, floors, pids)
     worker_rss = [rss_kb(p.pid) for p in workers]
     floor_rss = [rss_kb(p.pid) for p in floor_workers]
-    small = bench_small_fanin(plan, floor)
+    small = bench_small_fanin(plan, floors)
     if args.profile:
         if py_spy() is None:
             say("profile: py-spy not found (pip install py-spy, or set PY_SPY); skipped")
@@ -898,8 +908,11 @@ def report_targets(plan: Plan, shapes: Shapes, small: dict[str, list[float]],
     say(f"{verdict(growth <= 1.2)}  progress read at {plan.progress_big} within 1.2x of 1,000: "
         f"{growth:.2f}x")
     loop, each = enqueue
-    say(f"{verdict(each >= 2 * loop)}  enqueue_each >= 2x enqueue loop (no workers): "
-        f"{each / loop:.2f}x")
+    # The old target "enqueue_each >= 2x the loop" measured the loop's round trip per
+    # call; issue 11 took it away, so the loop is meant to come close to enqueue_each.
+    say(f"INFO  enqueue_each vs a loop of enqueue, no workers: {each / loop:.2f}x "
+        f"({1e6 / loop:.0f} vs {1e6 / each:.0f} us per job; was a target of >= 2x while "
+        "the loop paid a round trip per call)")
     worst = max(r for r, _ in worker_rss) / 1024
     peak = max(h for _, h in worker_rss) / 1024
     say(f"{verdict(worst < 80)}  worker RSS < 80 MB: {worst:.1f} MB after the runs "
