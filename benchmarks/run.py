@@ -818,7 +818,8 @@ def main() -> int:
     say(f"packmule benchmarks {time.strftime('%Y-%m-%d %H:%M')}  python "
         f"{sys.version.split()[0]}  {os.cpu_count()} cpu  {'--quick' if args.quick else 'full'}  "
         f"load average before: {load_average()}")
-    with start_local_servers() as servers:
+    # 512 MB: the four shapes keep ~600,000 values (packmule's for days, by its TTL).
+    with start_local_servers(memcached_mb=512) as servers:
         env = {**os.environ, **servers.env(), "PACKMULE_NAMESPACE": NAMESPACE,
                "PYTHONPATH": PYTHONPATH}
         os.environ.update({k: v for k, v in env.items() if k.startswith("PACKMULE_")})

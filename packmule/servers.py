@@ -46,6 +46,7 @@ class _Server:
     peer_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
+    memory_mb: int = 64  # memcached's -m
 
     @property
     def log(self) -> Path:
@@ -62,7 +63,8 @@ class LocalServers:
     for the life of the object: the restart helpers reuse the same port.
     """
 
-    def __init__(self, *, beanstalkd: int, memcached: int, workdir: Path | None) -> None:
+    def __init__(self, *, beanstalkd: int, memcached: int, workdir: Path | None,
+                 memcached_mb: int = 64) -> None:
         if beanstalkd < 1 or memcached < 1:
             raise ValueError("each pool needs at least one server")
         self._owns_workdir = workdir is None
@@ -71,7 +73,8 @@ class LocalServers:
         home = self.workdir
         self._etcd = _Server("etcd", home / "etcd")
         self._beanstalkd = [_Server("beanstalkd", home / f"beanstalkd-{i}") for i in range(beanstalkd)]
-        self._memcached = [_Server("memcached", home / f"memcached-{i}") for i in range(memcached)]
+        self._memcached = [_Server("memcached", home / f"memcached-{i}", memory_mb=memcached_mb)
+                           for i in range(memcached)]
         self._stopped = False
 
     @property
@@ -148,7 +151,8 @@ class LocalServers:
 
 
 def start_local_servers(
-    *, beanstalkd: int = 1, memcached: int = 1, workdir: Path | None = None
+    *, beanstalkd: int = 1, memcached: int = 1, workdir: Path | None = None,
+    memcached_mb: int = 64,
 ) -> LocalServers:
     """Start ``beanstalkd`` + ``memcached`` servers and one etcd, all ready.
 
@@ -157,13 +161,16 @@ def start_local_servers(
         memcached: how many memcached servers (a pool), at least 1.
         workdir: folder for data and logs; a temporary one (removed by
             ``stop()``) when None. A reused folder replays old binlogs.
+        memcached_mb: each memcached's memory (``-m``); full, it refuses
+            writes (``-M``). The benchmarks keep hundreds of thousands of values.
 
     Raises:
         ServerStartError: a binary is missing (names the Debian package), or a
             server exited or was not ready in time (with its log's tail).
             Servers already started are stopped first.
     """
-    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, workdir=workdir)
+    servers = LocalServers(beanstalkd=beanstalkd, memcached=memcached, workdir=workdir,
+                           memcached_mb=memcached_mb)
     try:
         servers._start_all()
     except BaseException:
@@ -217,7 +224,8 @@ def _argv(server: _Server) -> list[str]:
     if server.kind == "memcached":
         # -M: refuse writes when full instead of evicting; as root it must be told a user.
         user = ["-u", "root"] if os.geteuid() == 0 else []
-        return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M", "-m", "64", *user]
+        return [_binary("memcached"), "-l", HOST, "-p", port, "-U", "0", "-M",
+                "-m", str(server.memory_mb), *user]
     client, peer = f"http://{HOST}:{port}", f"http://{HOST}:{server.peer_port}"
     return [
         _binary("etcd"), "--name", "default", "--data-dir", str(folder / "data"),
