@@ -301,19 +301,21 @@ class Queue:
         Not sent, and raises, only if the put cannot be written: then the
         server is unreachable (QueueUnavailable) and nothing is pending.
         """
-        if len(self._unread.get(index, ())) >= _UNREAD_MAX:
-            self._read_unread(index)
-        sent = Sent(len(body))
-        with self._session(index, "put", catch_up=False) as client:
-            if self._using.get(index) != tube:
-                client.use(tube)
-                self._using[index] = tube
-            try:
+        pending = self._unread.get(index, ())
+        if len(pending) >= _UNREAD_MAX or (pending and self._using.get(index) != tube):
+            self._read_unread(index)  # `use` below reads one reply: the pending ones first
+        try:  # not _session: its generator costs more than the rest of the call
+            with naming(self.names[index], "put"):
+                client = self._client(index)
+                if self._using.get(index) != tube:
+                    client.use(tube)
+                    self._using[index] = tube
                 client._sock.sendall(b"put %d %d %d %d\r\n%b\r\n"
                                      % (priority, int(delay), int(ttr), len(body), body))
-            except BaseException:
-                self._drop(index)
-                raise
+        except BaseException:  # a put half written, or a connection gone: start afresh
+            self._drop(index)
+            raise
+        sent = Sent(len(body))
         self._unread.setdefault(index, []).append(sent)
         return sent
 

@@ -206,3 +206,24 @@ def test_puts_refused_after_their_enqueue_returned_fail_the_next_wait_naming_the
 
     Driven("drained-loop").run(loop_while_draining)
     assert Driven("drained-loop").update_progress().total == 6, "the refused jobs are uncounted"
+
+
+def test_single_enqueues_to_two_tubes_interleave_on_one_connection(
+        pool_env: dict[str, str]) -> None:
+    """Puts sent without waiting, then a put to another tube: its `use` must not read
+    an earlier put's reply as its own."""
+    tube = pool_env["PACKMULE_TUBE"]
+    other = f"{tube}-other"
+
+    def outer(first: Adder) -> None:
+        def inner(second: Adder) -> None:
+            for i in range(10):
+                first.enqueue("echo", [i, 0])
+                second.enqueue("echo", [i, 0])
+
+        Driven("inner", tube=other).run(inner)
+
+    Driven("outer").run(outer)
+    assert _in_tube(0, tube) + _in_tube(1, tube) == 10
+    assert _in_tube(0, other) + _in_tube(1, other) == 10
+    assert Driven("outer").update_progress().total == Driven("inner").update_progress().total == 10
