@@ -164,15 +164,13 @@ class Queue:
         return self._clients[index]
 
     @contextmanager
-    def _session(self, index: int, action: str, *,
-                 catch_up: bool = True) -> Iterator[greenstalk.Client[bytes]]:
+    def _session(self, index: int, action: str) -> Iterator[greenstalk.Client[bytes]]:
         """A client for server ``index``; a broken one is dropped so the next use reconnects.
 
-        Replies of puts sent without waiting are read first (unless
-        ``catch_up`` is False: another such put), so every reply answers
-        its own command.
+        Replies of puts sent without waiting are read first, so every reply
+        answers its own command.
         """
-        if catch_up and self._unread.get(index):
+        if self._unread.get(index):
             self._read_unread(index)
         try:
             with naming(self.names[index], action):

@@ -614,7 +614,8 @@ def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as err:
             with suppress(PackmuleError):  # the run fails with err: its counts made right
                 _settle(context)
-            context.batches.release()
+            with suppress(PackmuleError):
+                context.batches.release()
             target = _resume_target(context, err, function.__code__, returned)
             runs.finish(scope.backends, scope.run, _failure(err), resumable=target is not None)
             if target is not None:
