@@ -1,44 +1,90 @@
-"""The floor: a hand-written minimal fan-out/fan-in worker, greenstalk + pymemcache only.
+"""The floor: a careful hand-written fan-out/fan-in worker over beanstalkd and memcached.
 
-    python floor_worker.py BEANSTALKD_PORT MEMCACHED_PORT TUBE
+    python floor_worker.py BEANSTALKD_PORT MEMCACHED_PORT TUBE [JOBS] [--plain]
 
-A job body is ``RUN INDEX VALUE``. The worker stores the value under
-``RUN:v:INDEX``, decrements ``RUN:left``; the worker that brings it to 0 reads
-every value with get_many, sums them and puts ``RUN SUM`` on the tube
-``TUBE-done``. No retries, no idempotence, no failure handling: the least
-any fan-out/fan-in over these two servers must do.
+(with JOBS, it exits after that many jobs: instructions.py counts them;
+-1 for no limit.) ``--plain``: the same work written the plain way, one
+library call per command (greenstalk reserve and delete, pymemcache set and
+decr): what hand-written code usually looks like, for reference.
+
+A job body is ``RUN INDEX``. The worker stores the job's value under
+``RUN:v:INDEX`` and decrements ``RUN:left``; the worker that brings it to 0
+puts ``RUN`` on the tube ``TUBE-done``, which wakes the caller (see
+``Floor`` in run.py): the caller reads every value and calls the aggregate,
+as packmule's caller does. The value is ``time.time()`` when the job
+returns, so the caller can tell how long the fan-in took.
+
+The least any fan-out/fan-in over these two servers must do, with the
+fewest round trips the protocols allow: the finished job's delete goes in
+one write with the next reserve, the value's ``set`` (noreply) in one write
+with the decrement, so a job costs two round trips. No ids of its own, no
+retries, no idempotence, no progress, no failure handling. greenstalk and
+pymemcache open the connections; the hot commands are written by hand
+because neither library can send two commands in one write.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 
 import greenstalk
 from pymemcache.client.base import Client
 
 HOST = "127.0.0.1"
-CHUNK = 5000
+
+
+def connect_memcached(port: int) -> socket.socket:
+    sock = socket.create_connection((HOST, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def plain(queue: greenstalk.Client[bytes], memcached_port: int, jobs: int) -> None:
+    """The same work, one library call per command: three round trips a job, one write unanswered."""
+    store = Client((HOST, memcached_port), no_delay=True)  # pymemcache's default: set is noreply
+    while jobs != 0:
+        jobs -= 1
+        job = queue.reserve()
+        run, index = job.body.split()
+        store.set(b"%b:v:%b" % (run, index), repr(time.time()).encode())
+        if store.decr(b"%b:left" % run, 1, noreply=False) == 0:
+            queue.put(run)
+        queue.delete(job)
 
 
 def main() -> None:
-    beanstalkd_port, memcached_port, tube = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    queue = greenstalk.Client((HOST, beanstalkd_port), encoding=None, watch=tube, use=tube + "-done")
-    store = Client((HOST, memcached_port), no_delay=True)  # pymemcache's default: set is noreply
-    while True:
-        job = queue.reserve()
-        run, index, value = job.body.split()
-        run_s = run.decode()
-        store.set(f"{run_s}:v:{index.decode()}", value)
-        left = store.decr(f"{run_s}:left", 1, noreply=False)
-        if left == 0:
-            count = int(store.get(f"{run_s}:n"))
-            keys = [f"{run_s}:v:{i}" for i in range(count)]
-            total = 0
-            for start in range(0, count, CHUNK):
-                found = store.get_many(keys[start:start + CHUNK])
-                total += sum(int(v) for v in found.values())
-            queue.put(f"{run_s} {total}".encode())
-        queue.delete(job)
+    args = [arg for arg in sys.argv[1:] if arg != "--plain"]
+    beanstalkd_port, memcached_port, tube = int(args[0]), int(args[1]), args[2]
+    jobs = int(args[3]) if len(args) > 3 else -1
+    queue = greenstalk.Client((HOST, beanstalkd_port), encoding=None, watch=tube,
+                              use=tube + "-done")
+    queue._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if "--plain" in sys.argv:
+        plain(queue, memcached_port, jobs)
+        return
+    send, reader = queue._sock.sendall, queue._reader
+    store = connect_memcached(memcached_port)
+    finished = b""  # the delete of the last finished job, sent with the next reserve
+    while jobs != 0:
+        jobs -= 1
+        send(finished + b"reserve\r\n")
+        if finished:
+            assert reader.readline() == b"DELETED\r\n"
+        _, job_id, size = reader.readline().split()
+        body = reader.read(int(size) + 2)[:-2]
+        run, index = body.split()
+        value = repr(time.time()).encode()  # the job "returns" now
+        store.sendall(b"set %b:v:%b 0 0 %d noreply\r\n%b\r\ndecr %b:left 1\r\n"
+                      % (run, index, len(value), value, run))
+        left = store.recv(64)
+        while not left.endswith(b"\r\n"):
+            left += store.recv(64)
+        if left == b"0\r\n":
+            queue.put(run)
+        finished = b"delete %b\r\n" % job_id
+    send(finished)
 
 
 if __name__ == "__main__":

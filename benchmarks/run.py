@@ -1,28 +1,30 @@
 """packmule benchmarks: one command, its own servers and workers, plain lines out.
 
-    python benchmarks/run.py            # full run, about 5 minutes on 2 cores
-    python benchmarks/run.py --quick    # fewer repetitions, no 100k run(): under a minute
-    python benchmarks/run.py --profile  # also: py-spy on a worker during a 10k run,
-                                        # cProfile of enqueue_each in the producer
-    python benchmarks/run.py --only fairness  # section 7 alone
-    python benchmarks/run.py --scale [N]      # alone: runs of N/10 and N jobs (N = 1,000,000)
+    python benchmarks/run.py            # full run, about 4 minutes on 2 cores
+    python benchmarks/run.py --quick    # fewer repetitions, no 100k runs: about a minute
+    python benchmarks/run.py --profile  # also: py-spy on a worker during a 10k run and on
+                                        # the producer's enqueue loop; the fan-in path traced
 
-Every figure is the median of several repetitions (the count is printed).
-Targets print PASS or MISS; a MISS never fails the command (exit 0), only
-an error does. See benchmarks/README.md for what each figure means.
+The floor (a careful hand-written fan-out/fan-in, see floor_worker.py) and
+both packmule shapes (a loop of ``enqueue``, one ``enqueue_each``) run in the
+same process layout, alternating, in the same run: 2 worker processes each,
+started before the clock; the caller is this process, which fans out, is
+woken when the last job finished, reads every value and calls the
+aggregate. Every figure is a median of several repetitions (the count is
+printed) and is printed next to its target, PASS or MISS; a MISS never fails
+the command (exit 0), only an error does. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import math
 import os
-import pstats
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -56,28 +57,58 @@ FLOOR_TUBE = "floor"  # floor workers watch it
 IDLE_TUBE = "bench-idle"  # nobody watches it: enqueue and progress benchmarks
 WORKERS = 2
 PYTHONPATH = os.pathsep.join([str(BENCH), str(ROOT)])
+# The floor, the same written the plain way (for reference), packmule's loop of
+# enqueue and one enqueue_each.
+SHAPES = ("floor", "plain", "loop", "each")
+LABELS = {"floor": "floor", "plain": "plain floor (reference)", "loop": "packmule loop of enqueue",
+          "each": "packmule enqueue_each"}
+FLOORS = ("floor", "plain")
+# The issue's targets, N=10,000: wall time against the floor's, per shape; the
+# fan-in (last job's return -> aggregate's first line, values read) against
+# the floor's; the fan-in of N=100 in the caller.
+WALL_TARGET = {"loop": 1.5, "each": 1.3}
+FANIN_TARGET = 1.5
+SMALL_FANIN_TARGET = 0.003
 
 
 @dataclass(frozen=True)
 class Plan:
     """How many repetitions of what; --quick shrinks it."""
 
-    sizes: tuple[tuple[int, int], ...]  # (N, repetitions) for floor and run()
+    sizes: tuple[tuple[int, int], ...]  # (N, repetitions of each shape)
     fanin_runs: int
     progress_reads: int
     progress_big: int
     enqueue_reps: int
     memory_jobs: int
-    fairness_reps: int  # large runs alone, fair and flat priorities alternating
-    fairness_jobs: int  # the large run's size (alone, and with a small run started during it)
+    fairness_reps: int
+    fairness_jobs: int
 
 
-FULL = Plan(sizes=((1_000, 5), (10_000, 3), (100_000, 1)), fanin_runs=25,
+FULL = Plan(sizes=((1_000, 5), (10_000, 5), (100_000, 1)), fanin_runs=25,
             progress_reads=500, progress_big=100_000, enqueue_reps=3, memory_jobs=100_000,
             fairness_reps=5, fairness_jobs=20_000)
-QUICK = Plan(sizes=((1_000, 3), (10_000, 1)), fanin_runs=8, progress_reads=200,
+QUICK = Plan(sizes=((1_000, 3), (10_000, 3)), fanin_runs=10, progress_reads=200,
              progress_big=100_000, enqueue_reps=1, memory_jobs=20_000,
              fairness_reps=2, fairness_jobs=10_000)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One fan-out/fan-in, in seconds.
+
+    wall: from the start (run() called; the floor's first write) to the
+        aggregate's first line with every value read.
+    fan_out: until the fan-out returned (the puts; the workers eat meanwhile).
+    fan_in: from the last job's return to the aggregate's first line (values read).
+    after: from the aggregate's first line until run() returned (the sum, the
+        run's end recorded in etcd); 0 for the floor.
+    """
+
+    wall: float
+    fan_out: float
+    fan_in: float
+    after: float = 0.0
 
 
 # Output --------------------------------------------------------------------------------
@@ -156,58 +187,104 @@ def rss_kb(pid: int) -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-# 1. The floor ---------------------------------------------------------------------------
-class Floor:
-    """Producer side of the hand-written minimal fan-out/fan-in (see floor_worker.py)."""
+# The floor ------------------------------------------------------------------------------
+VALUE = re.compile(rb"VALUE (\S+) \d+ (\d+)\r\n")
 
-    def __init__(self, servers: LocalServers) -> None:
+
+class Floor:
+    """Caller side of the hand-written fan-out/fan-in (workers: floor_worker.py).
+
+    Driven like packmule's ``run()``: this process sets the counter, puts the
+    jobs (pipelined: a chunk of puts per write, as ``enqueue_each`` does), is
+    woken when the last job finished (a job on ``floor-done``, where packmule's
+    caller has its etcd watch), reads every value (5,000 keys a ``get``, the
+    reply parsed by hand, as packmule's gather) and calls the aggregate.
+    """
+
+    CHUNK = 500
+
+    def __init__(self, servers: LocalServers, *, plain: bool = False) -> None:
+        self.plain = plain
+        self.tube = FLOOR_TUBE + ("-plain" if plain else "")
         self.beanstalkd_port = int(servers.beanstalkd_urls[0].rsplit(":", 1)[1])
         self.memcached_port = int(servers.memcached_urls[0].rsplit(":", 1)[1])
         self.queue = greenstalk.Client(("127.0.0.1", self.beanstalkd_port), encoding=None,
-                                       use=FLOOR_TUBE, watch=FLOOR_TUBE + "-done")
+                                       use=self.tube, watch=self.tube + "-done")
+        self.queue._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.store = Memcache(("127.0.0.1", self.memcached_port), no_delay=True)
+        self.memcached = socket.create_connection(("127.0.0.1", self.memcached_port))
+        self.memcached.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def argv(self) -> list[str]:
+    def argv(self, jobs: int = -1) -> list[str]:
+        """A floor worker's command line (``jobs``: exit after that many)."""
         return [sys.executable, str(BENCH / "floor_worker.py"), str(self.beanstalkd_port),
-                str(self.memcached_port), FLOOR_TUBE]
+                str(self.memcached_port), self.tube, str(jobs), *(["--plain"] if self.plain else [])]
 
-    def run(self, count: int) -> tuple[float, float]:
-        """(wall time, time spent putting) of one fan-out/fan-in of ``count`` jobs."""
+    def run(self, count: int) -> Sample:
+        """One fan-out/fan-in of ``count`` jobs."""
         run = uuid.uuid4().hex[:12]
         started = time.perf_counter()
-        self.store.set_many({f"{run}:n": str(count), f"{run}:left": str(count)}, noreply=False)
-        for index in range(count):
-            self.queue.put(f"{run} {index} {index}".encode())
-        put = time.perf_counter() - started
+        self.store.set(f"{run}:left", str(count), noreply=False)
+        self._put_all(run, count)
+        put = time.perf_counter()
         job = self.queue.reserve(timeout=600)
-        elapsed = time.perf_counter() - started
+        values = self._values(run, count)
+        now, called = time.time(), time.perf_counter()
+        assert job.body.decode() == run and len(values) == count, (job.body, len(values))
         self.queue.delete(job)
-        name, total = job.body.split()
-        assert name.decode() == run and int(total) == count * (count - 1) // 2, job.body
-        return elapsed, put
+        return Sample(called - started, put - started, now - max(values))
+
+    def _put_all(self, run: str, count: int) -> None:
+        sock, reader = self.queue._sock, self.queue._reader
+        for start in range(0, count, self.CHUNK):
+            indexes = range(start, min(count, start + self.CHUNK))
+            bodies = [f"{run} {index}".encode() for index in indexes]
+            sock.sendall(b"".join(b"put 65536 0 60 %d\r\n%b\r\n" % (len(b), b) for b in bodies))
+            for _ in bodies:
+                reply = reader.readline()
+                assert reply.startswith(b"INSERTED"), reply
+
+    def _values(self, run: str, count: int) -> list[float]:
+        """Every value, 5,000 keys a ``get``, the reply parsed by hand (as packmule does)."""
+        values: list[float] = []
+        for start in range(0, count, 5000):
+            keys = [b"%b:v:%d" % (run.encode(), index)
+                    for index in range(start, min(count, start + 5000))]
+            self.memcached.sendall(b"get " + b" ".join(keys) + b"\r\n")
+            found = self._parse_get()
+            values.extend(float(found[key]) for key in keys)
+        return values
+
+    def _parse_get(self) -> dict[bytes, bytes]:
+        buf, pos, found = b"", 0, {}
+        while True:
+            head = VALUE.match(buf, pos)
+            if head is None or len(buf) < head.end() + int(head[2]) + 2:
+                if head is None and buf.startswith(b"END\r\n", pos):
+                    return found
+                buf, pos = buf[pos:] + self.memcached.recv(1 << 20), 0
+                continue
+            end = head.end() + int(head[2])
+            found[head[1]] = buf[head.end():end]
+            pos = end + 2
 
 
-# 2. packmule run() -----------------------------------------------------------------------
-def packmule_run(count: int) -> float:
-    return packmule_phases(count)[0]
+# packmule's shapes ------------------------------------------------------------------------
+def packmule_run(shape: str, count: int, *, name: str = "fanout") -> Sample:
+    """One run() of ``count`` jobs fanned out as ``shape`` (``loop`` or ``each``)."""
+    from bench_runners import Fanout, Loop
 
-
-def packmule_phases(count: int) -> tuple[float, float, float, float]:
-    """One run() of ``count`` no-op jobs: (wall, enqueue_each, until the aggregate, after).
-
-    The phases: run() entry to enqueue_each returning; then until the aggregate
-    method is called in the caller (jobs run, fan-in); then the sum and
-    recording the run's end.
-    """
-    from bench_runners import Fanout
-
-    runner = Fanout("fanout")
+    runner = (Loop if shape == "loop" else Fanout)(f"{name}-{shape}")
     started = time.perf_counter()
-    total = runner.run(count)
+    fan_in = runner.run(count)
     ended = time.perf_counter()
-    assert total == count * (count - 1) // 2, total
-    began, enqueued, aggregated = runner.marks
-    return ended - started, enqueued - began, aggregated - enqueued, ended - aggregated
+    began, fanned, called = runner.marks
+    assert 0 <= fan_in < 600, fan_in
+    return Sample(called - started, fanned - began, fan_in, ended - called)
+
+
+def sample(shape: str, floors: dict[str, Floor], count: int) -> Sample:
+    return floors[shape].run(count) if shape in floors else packmule_run(shape, count)
 
 
 # CPU accounting ------------------------------------------------------------------------
@@ -216,8 +293,30 @@ CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` (all its threads) so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+    return int(fields[11]) / CLOCK_TICK, int(fields[12]) / CLOCK_TICK
+
+
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of process ``pid``, all its threads: how often it waited.
+
+    Each wait for a reply that had not come yet is one (and on a VM, waking the
+    sleeper again costs an interrupt between CPUs); unlike CPU time, the count
+    hardly depends on what else the machine runs.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += int(text.split("voluntary_ctxt_switches:")[1].split()[0])
+    return total
 
 
 def server_pids() -> dict[str, list[int]]:
@@ -239,198 +338,215 @@ def server_pids() -> dict[str, list[int]]:
 
 
 class CpuMeter:
-    """CPU seconds used by each group of processes between start() and stop()."""
+    """CPU seconds and waits (voluntary context switches) of groups of processes."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
         self.used: dict[str, float] = dict.fromkeys(groups, 0.0)
-        self._before: dict[str, float] = {}
+        self.system: dict[str, float] = dict.fromkeys(groups, 0.0)  # the kernel's part of used
+        self.waits: dict[str, int] = dict.fromkeys(groups, 0)
+        self._before: dict[str, tuple[float, float, int]] = {}
 
-    def _now(self) -> dict[str, float]:
-        return {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.groups.items()}
+    def _now(self) -> dict[str, tuple[float, float, int]]:
+        now = {}
+        for name, pids in self.groups.items():
+            splits = [cpu_split(p) for p in pids]
+            now[name] = (sum(u + s for u, s in splits), sum(s for _, s in splits),
+                         sum(sleeps(p) for p in pids))
+        return now
 
     def start(self) -> None:
         self._before = self._now()
 
     def stop(self) -> None:
-        for name, value in self._now().items():
-            self.used[name] += value - self._before[name]
+        for name, (cpu, system, waits) in self._now().items():
+            self.used[name] += cpu - self._before[name][0]
+            self.system[name] += system - self._before[name][1]
+            self.waits[name] += waits - self._before[name][2]
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        """Microseconds of CPU per job, by group and in total."""
+        used = {name: seconds / jobs * 1e6 for name, seconds in self.used.items()}
+        return {**used, "total": sum(used.values())}
 
     def line(self, jobs: int) -> str:
-        parts = [f"{name} {self.used[name] / jobs * 1e6:.0f}" for name in self.groups]
-        total = sum(self.used.values()) / jobs * 1e6
-        return f"{' | '.join(parts)} | total {total:.0f} us"
+        return " | ".join(f"{name} {us:.0f}" for name, us in self.per_job(jobs).items()) + " us"
+
+    def system_line(self, jobs: int) -> str:
+        return " | ".join(f"{name} {self.system[name] / jobs * 1e6:.0f}" for name in self.groups
+                          if name != "etcd") + " us"
+
+    def waits_line(self, jobs: int) -> str:
+        return " | ".join(f"{name} {count / jobs:.2f}" for name, count in self.waits.items()
+                          if name != "etcd")
 
 
-def bench_run_times(plan: Plan, floor: Floor, floor_pids: list[int],
-                    worker_pids: list[int]) -> dict[int, tuple[float, float]]:
-    say("== 1-2. fan-out/fan-in wall time: floor (greenstalk+pymemcache) vs packmule run()")
-    say(f"   {WORKERS} worker processes each, started before the clock; no-op jobs; "
-        "runs alternate floor/packmule")
+# 1. Fan-out/fan-in: the floor and both packmule shapes ---------------------------------------
+@dataclass
+class Shapes:
+    """Samples and CPU per (N, shape)."""
+
+    samples: dict[tuple[int, str], list[Sample]]
+    cpu: dict[tuple[int, str], dict[str, float]]
+
+    def median(self, count: int, shape: str, what: str = "wall") -> float:
+        return statistics.median(getattr(s, what) for s in self.samples[(count, shape)])
+
+
+def bench_shapes(plan: Plan, floors: dict[str, Floor], pids: dict[str, list[int]]) -> Shapes:
+    say("== 1. fan-out/fan-in of N no-op jobs: the floor and packmule, same layout, same run")
+    say(f"   {WORKERS} worker processes per system, started before the clock; this process is "
+        "the caller: it fans out, is woken, reads every value and calls the aggregate.")
+    say("   wall = start -> the aggregate's first line with every value read; fan-in = the "
+        "last job's return -> the same line. Shapes alternate within each repetition.")
     servers = server_pids()
-    results: dict[int, tuple[float, float]] = {}
+    shapes = Shapes({}, {})
     for count, reps in plan.sizes:
-        floors: list[tuple[float, float]] = []
-        runs: list[tuple[float, float, float, float]] = []
-        floor_cpu = CpuMeter({"producer": [os.getpid()], "workers": floor_pids, **servers})
-        run_cpu = CpuMeter({"producer": [os.getpid()], "workers": worker_pids, **servers})
-        with deadline(900, f"N={count}"):
-            for _ in range(reps):
-                floor_cpu.start()
-                floors.append(floor.run(count))
-                floor_cpu.stop()
-                run_cpu.start()
-                runs.append(packmule_phases(count))
-                run_cpu.stop()
-        f = statistics.median(x[0] for x in floors)
-        p = statistics.median(x[0] for x in runs)
-        results[count] = (f, p)
-        say(f"floor     N={count:<7} median {fmt_s(f):>10}  {count / f:9.0f} jobs/s  "
-            f"({reps} runs: {', '.join(f'{x[0]:.3f}' for x in floors)})")
-        say(f"packmule  N={count:<7} median {fmt_s(p):>10}  {count / p:9.0f} jobs/s  "
-            f"({reps} runs: {', '.join(f'{x[0]:.3f}' for x in runs)})  "
-            f"{p / f:.2f}x floor  {p / count * 1e6:.0f} us/job")
-        say(f"   phases, floor:    puts {fmt_s(statistics.median(x[1] for x in floors))}, "
-            f"then until done {fmt_s(statistics.median(x[0] - x[1] for x in floors))}")
-        say(f"   phases, packmule: enqueue_each {fmt_s(statistics.median(x[1] for x in runs))}, "
-            f"then until the aggregate is called {fmt_s(statistics.median(x[2] for x in runs))}, "
-            f"aggregate + run end {fmt_s(statistics.median(x[3] for x in runs))}")
-        say(f"   cpu/job, floor:    {floor_cpu.line(count * reps)}")
-        say(f"   cpu/job, packmule: {run_cpu.line(count * reps)}")
-    return results
+        meters = {shape: CpuMeter({"producer": [os.getpid()], "workers": pids[shape], **servers})
+                  for shape in SHAPES}
+        for shape in SHAPES:
+            shapes.samples[(count, shape)] = []
+        with deadline(1800, f"N={count}"):
+            for rep in range(reps):
+                turn = rep % len(SHAPES)
+                for shape in SHAPES[turn:] + SHAPES[:turn]:  # each goes first in turn
+                    meters[shape].start()
+                    shapes.samples[(count, shape)].append(sample(shape, floors, count))
+                    meters[shape].stop()
+        for shape in SHAPES:
+            shapes.cpu[(count, shape)] = meters[shape].per_job(count * reps)
+        report_size(shapes, count, reps, meters)
+    return shapes
 
 
-# 3. Fan-in latency ------------------------------------------------------------------------
-def bench_fanin(plan: Plan) -> float:
+def report_size(shapes: Shapes, count: int, reps: int, meters: dict[str, CpuMeter]) -> None:
+    floor_wall = shapes.median(count, "floor")
+    floor_fanin = shapes.median(count, "floor", "fan_in")
+    say(f"-- N={count:,}, {reps} run(s) of each shape")
+    for shape in SHAPES:
+        runs = shapes.samples[(count, shape)]
+        wall, fanin = shapes.median(count, shape), shapes.median(count, shape, "fan_in")
+        ratio = "" if shape == "floor" else f"  {wall / floor_wall:.2f}x the floor"
+        target = ("" if shape in FLOORS or count != 10_000 else
+                  f" (target <= {WALL_TARGET[shape]}x: {verdict(wall / floor_wall <= WALL_TARGET[shape])})")
+        say(f"{LABELS[shape]:<25} wall {fmt_s(wall):>10} {count / wall:7.0f} jobs/s{ratio}{target}"
+            f"   [{', '.join(f'{s.wall:.3f}' for s in runs)}]")
+        fan_ratio = "" if shape == "floor" else f"  {fanin / floor_fanin:.2f}x the floor's"
+        fan_target = ("" if shape in FLOORS or count != 10_000 else
+                      f" (target <= {FANIN_TARGET}x: {verdict(fanin / floor_fanin <= FANIN_TARGET)})")
+        say(f"{'':<25} fan-in {fmt_s(fanin):>8}{fan_ratio}{fan_target}"
+            f"   [{', '.join(f'{s.fan_in * 1000:.1f}' for s in runs)} ms]")
+        say(f"{'':<25} fan-out {fmt_s(shapes.median(count, shape, 'fan_out'))} (workers eating "
+            f"meanwhile)" + ("" if shape in FLOORS else
+                             f"; after the aggregate's first line: "
+                             f"{fmt_s(shapes.median(count, shape, 'after'))} (sum, run's end in etcd)"))
+        say(f"{'':<25} cpu/job: {meters[shape].line(count * reps)}")
+        say(f"{'':<25}   of which in the kernel: {meters[shape].system_line(count * reps)}")
+        say(f"{'':<25} waits/job: {meters[shape].waits_line(count * reps)}")
+
+
+# 2. Fan-in of a small run ------------------------------------------------------------------
+def bench_small_fanin(plan: Plan, floors: dict[str, Floor]) -> dict[str, list[float]]:
     from bench_runners import FanInClock
 
-    say("== 3. fan-in latency: last child returned -> aggregate method starts (N=100)")
-    caller: list[float] = []
-    with deadline(300, "fan-in"):
+    say("== 2. fan-in of N=100: last job's return -> aggregate's first line, values read")
+    found: dict[str, list[float]] = {"floor": [], "caller (run)": [], "worker (run_async)": []}
+    with deadline(600, "fan-in"):
         for _ in range(plan.fanin_runs):
-            caller.append(FanInClock("fanin").run(100))
-        worker: list[float] = []
-        for _ in range(plan.fanin_runs):
+            found["floor"].append(floors["floor"].run(100).fan_in)
+            found["caller (run)"].append(FanInClock("fanin").run(100))
             runner = FanInClock("fanin-async")
             runner.run_async(100)
             while not runner.update_progress().finished:
                 time.sleep(0.005)
-            worker.append(float(runner.get_return_value()))
-    for label, values in (("caller (run)", caller), ("worker (run_async)", worker)):
+            found["worker (run_async)"].append(float(runner.get_return_value()))
+    for label, values in found.items():
+        target = "" if label == "floor" else (
+            f"  (target < {SMALL_FANIN_TARGET * 1000:.0f} ms: "
+            f"{verdict(statistics.median(values) < SMALL_FANIN_TARGET)})")
         say(f"fan-in {label:<19} median {statistics.median(values) * 1000:6.2f} ms  "
             f"p95 {p95(values) * 1000:6.2f} ms  max {max(values) * 1000:6.2f} ms  "
-            f"({len(values)} runs)")
-    return statistics.median(caller)
+            f"({len(values)} runs){target}")
+    return found
 
 
-# 4. Progress reads -------------------------------------------------------------------------
+# 3. Progress reads -------------------------------------------------------------------------
 def bench_progress(plan: Plan) -> tuple[float, float]:
-    from bench_runners import Driven
+    from bench_runners import Holding
 
-    say("== 4. update_progress() wall time (no workers on the tube; totals from enqueue_each)")
+    say("== 3. update_progress() wall time (runs held open, their jobs on a tube no worker watches)")
     sizes = (1_000, plan.progress_big)
-    result: list[list[float]] = []
-
-    def with_runs(pending: list[int], readers: list[Driven]) -> None:
-        """Open one run per size, nested, so all are running while they are read."""
-        if not pending:
-            result.extend(read_progress(plan, readers))
-            return
-        count = pending[0]
-
-        def inside(runner: Driven) -> None:
-            runner.enqueue_each("echo", range(count))
-            reader = Driven(f"progress-{count}")  # another instance: reads like another process
-            assert reader.update_progress().total == count, reader.update_progress()
-            with_runs(pending[1:], [*readers, reader])
-
-        Driven(f"progress-{count}", tube=IDLE_TUBE).run(inside)
-
-    with deadline(600, "progress reads"):
-        with_runs(list(sizes), [])
-    medians = [statistics.median(t) for t in result]
-    return medians[0], medians[1]
-
-
-def read_progress(plan: Plan, readers: list[Any]) -> list[list[float]]:
-    """Time ``plan.progress_reads`` reads of each reader, interleaved; print the figures."""
+    release = threading.Event()
+    holders: list[threading.Thread] = []
+    readers = []
+    for count in sizes:
+        holder = Holding(f"progress-{count}", tube=IDLE_TUBE)
+        holder.ready = threading.Event()
+        thread = threading.Thread(target=holder.run, args=(count, release), daemon=True)
+        thread.start()
+        holders.append(thread)
+        if not holder.ready.wait(300):
+            raise TimeoutError(f"enqueue of {count} jobs for the progress read")
+        reader = Holding(f"progress-{count}")  # another instance: reads like another process
+        assert reader.update_progress().total == count, reader.update_progress()
+        readers.append(reader)
     store, coord = backends().store, backends().coord
-    times: list[list[float]] = [[] for _ in readers]
+    times: list[list[float]] = [[] for _ in sizes]
     trips_before, etcd_before = store.round_trips, coord.round_trips
     for _ in range(plan.progress_reads):  # interleaved, so both sizes see the same noise
         for index, reader in enumerate(readers):
             started = time.perf_counter()
             reader.update_progress()
             times[index].append(time.perf_counter() - started)
-    trips = (store.round_trips - trips_before) / plan.progress_reads / len(readers)
-    etcd_trips = (coord.round_trips - etcd_before) / plan.progress_reads / len(readers)
-    for reader, values in zip(readers, times, strict=True):
-        say(f"progress  run of {reader.update_progress().total:<7} median "
-            f"{statistics.median(values) * 1e6:7.0f} us  p95 {p95(values) * 1e6:7.0f} us  "
-            f"({plan.progress_reads} reads, {trips:.0f} memcached + {etcd_trips:.0f} etcd "
-            "round trip(s) each)")
-    return times
+    trips = (store.round_trips - trips_before) / plan.progress_reads / len(sizes)
+    etcd_trips = (coord.round_trips - etcd_before) / plan.progress_reads / len(sizes)
+    release.set()
+    for thread in holders:
+        thread.join(60)
+    medians = [statistics.median(t) for t in times]
+    for count, median, values in zip(sizes, medians, times, strict=True):
+        say(f"progress  run of {count:<7} median {median * 1e6:7.0f} us  "
+            f"p95 {p95(values) * 1e6:7.0f} us  ({plan.progress_reads} reads, "
+            f"{trips:.0f} memcached + {etcd_trips:.0f} etcd round trip(s) each)")
+    return medians[0], medians[1]
 
 
-# 5. Enqueue throughput and memory ------------------------------------------------------------
-def bench_enqueue(plan: Plan) -> tuple[float, float]:
+# 4. Enqueue throughput and memory ------------------------------------------------------------
+def timed_fan_out(shape: str, count: int) -> float:
+    """Seconds to fan out ``count`` jobs as ``shape`` inside a fresh run, nobody eating them.
+
+    One enqueue first, off the clock: the run's block of job numbers and its
+    batch exist, as they do after a loop's first call.
+    """
     from bench_runners import Driven
 
-    say("== 5. enqueue throughput, 10,000 jobs, no workers, each in a fresh run")
+    def fan_out(runner: packmule.Runner) -> float:
+        runner.enqueue("stamp", -1)
+        started = time.perf_counter()
+        if shape == "loop":
+            for index in range(count):
+                runner.enqueue("stamp", index)
+        else:
+            runner.enqueue_each("stamp", range(count))
+        return time.perf_counter() - started
+
+    return float(Driven(f"enqueue-{shape}", tube=IDLE_TUBE).run(fan_out))
+
+
+def bench_enqueue(plan: Plan) -> tuple[float, float]:
+    say("== 4. fan-out alone: 10,000 jobs, no workers, each in a fresh run")
     count = 10_000
     loops, eaches = [], []
-
-    def timed_loop(runner: Driven) -> float:
-        runner.enqueue("echo", -1)  # the run's first batch and template, off the clock
-        started = time.perf_counter()
-        for index in range(count):
-            runner.enqueue("echo", index)
-        return count / (time.perf_counter() - started)
-
-    def timed_each(runner: Driven) -> float:
-        runner.enqueue("echo", -1)
-        started = time.perf_counter()
-        runner.enqueue_each("echo", range(count))
-        return count / (time.perf_counter() - started)
-
     with deadline(600, "enqueue"):
-        for rep in range(plan.enqueue_reps):  # run() started the run (etcd lease, counters)
-            loops.append(Driven(f"enqueue-loop-{rep}", tube=IDLE_TUBE).run(timed_loop))
-            eaches.append(Driven(f"enqueue-each-{rep}", tube=IDLE_TUBE).run(timed_each))
+        for _ in range(plan.enqueue_reps):
+            loops.append(count / timed_fan_out("loop", count))
+            eaches.append(count / timed_fan_out("each", count))
     loop, each = statistics.median(loops), statistics.median(eaches)
     say(f"enqueue       loop  median {loop:8.0f} jobs/s  ({1e6 / loop:.0f} us/job, "
         f"{len(loops)} runs)")
     say(f"enqueue_each  batch median {each:8.0f} jobs/s  ({1e6 / each:.0f} us/job, "
         f"{len(eaches)} runs)  {each / loop:.2f}x loop")
     return loop, each
-
-
-# 6. Signing ---------------------------------------------------------------------------------
-SIGNING_JOBS, SIGNING_REPS = 10_000, 5
-
-
-def bench_signing() -> float:
-    """Seconds per job to sign a body (producer) and verify it (worker), median of the reps."""
-    from packmule.envelope import BodyTemplate, Envelope, encode_args
-    from packmule.signing import Signer
-
-    say(f"== 6. signing: sign and verify {SIGNING_JOBS:,} job bodies (HMAC-SHA256), one process")
-    signer = Signer(["bench-secret-" + "7" * 32])
-    envelope = Envelope("bench_runners:Fanout", "bench", uuid.uuid4().hex[:16], 0, "caller.1",
-                        "echo", [], {"tube": TUBE}, lease=7587000000000000000)
-    bodies = [BodyTemplate(envelope).body(n, encode_args("echo", [n]))
-              for n in range(SIGNING_JOBS)]
-    costs = []
-    for _ in range(SIGNING_REPS):
-        started = time.perf_counter()
-        for body in bodies:
-            signer.verify(signer.sign(body))
-        costs.append((time.perf_counter() - started) / SIGNING_JOBS)
-    cost = statistics.median(costs)
-    say(f"signing   sign + verify median {cost * 1e6:.2f} us/job  ({SIGNING_REPS} runs; "
-        f"bodies of {len(bodies[-1])} B, +{len(signer.sign(bodies[-1])) - len(bodies[-1])} B "
-        "signed)")
-    return cost
 
 
 def producer_memory(env: dict[str, str], count: int) -> dict[str, float]:
@@ -451,25 +567,54 @@ def producer_memory_child(count: int, mode: str) -> None:
 
     packmule.configure(tube=IDLE_TUBE)
 
-    def measure(runner: Driven) -> dict[str, float]:
-        runner.enqueue("echo", -1)  # imports done, connections and the run made
+    def measure(runner: packmule.Runner) -> dict[str, float]:
+        runner.enqueue("stamp", -1)  # imports done, connections and the run made
         before = rss_kb(os.getpid())[0]
         if mode == "tracemalloc":
             import tracemalloc
 
             tracemalloc.start()
-            runner.enqueue_each("echo", range(count))
+            runner.enqueue_each("stamp", range(count))
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             return {"tracemalloc_peak_mb": peak / 2**20}
-        runner.enqueue_each("echo", range(count))
+        runner.enqueue_each("stamp", range(count))
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
         return {"rss_before_mb": before / 1024, "rss_peak_mb": rss_kb(os.getpid())[1] / 1024}
 
     print(json.dumps(Driven(f"memory-{mode}", tube=IDLE_TUBE).run(measure)))
 
 
-# 7. Fairness between runs ---------------------------------------------------------------------
+# 5. Signing ---------------------------------------------------------------------------------
+SIGNING_JOBS, SIGNING_REPS = 10_000, 5
+
+
+def bench_signing() -> float:
+    """Seconds per job to sign a body (producer) and verify it (worker), median of the reps."""
+    from packmule.envelope import BodyTemplate, Envelope, encode_args
+    from packmule.signing import Signer
+
+    say(f"== 5. signing: sign and verify {SIGNING_JOBS:,} job bodies (HMAC-SHA256), one process")
+    signer = Signer(["bench-secret-" + "7" * 32])
+    envelope = Envelope("bench_runners:Fanout", "bench", uuid.uuid4().hex[:16], 0, "caller.1",
+                        "echo", [], {"tube": TUBE}, lease=7587000000000000000)
+    bodies = [BodyTemplate(envelope).body(n, encode_args("echo", [n]))
+              for n in range(SIGNING_JOBS)]
+    costs = []
+    for _ in range(SIGNING_REPS):
+        started = time.perf_counter()
+        for body in bodies:
+            signer.verify(signer.sign(body))
+        costs.append((time.perf_counter() - started) / SIGNING_JOBS)
+    cost = statistics.median(costs)
+    say(f"signing   sign + verify median {cost * 1e6:.2f} us/job  ({SIGNING_REPS} runs; "
+        f"bodies of {len(bodies[-1])} B, +{len(signer.sign(bodies[-1])) - len(bodies[-1])} B "
+        "signed)")
+    return cost
+
+
+
+# 6. Fairness between runs ---------------------------------------------------------------------
 @contextmanager
 def priorities(mode: str) -> Iterator[None]:
     """``fair``: packmule's per-job priorities; ``flat``: every job of a level alike (FIFO).
@@ -505,7 +650,7 @@ def small_during_large(large: int, small: int = 20) -> tuple[float, int]:
 
 
 def bench_fairness(plan: Plan, worker_pids: list[int]) -> tuple[float, float]:
-    say(f"== 7. fairness: a large run alone (N={plan.fairness_jobs}), per-job priorities (fair) "
+    say(f"== 6. fairness: a large run alone (N={plan.fairness_jobs}), per-job priorities (fair) "
         "vs one priority for all (flat), alternating; then a 20-job run started during it")
     count = plan.fairness_jobs
     walls: dict[str, list[float]] = {"fair": [], "flat": []}
@@ -516,7 +661,7 @@ def bench_fairness(plan: Plan, worker_pids: list[int]) -> tuple[float, float]:
             for mode, times in walls.items():
                 with priorities(mode):
                     meters[mode].start()
-                    times.append(packmule_run(count))
+                    times.append(packmule_run("each", count).wall)
                     meters[mode].stop()
         small = {}
         for mode in walls:
@@ -534,14 +679,16 @@ def bench_fairness(plan: Plan, worker_pids: list[int]) -> tuple[float, float]:
     return fair / flat, small["fair"][0]
 
 
-# 8. Scale up: a million jobs ------------------------------------------------------------------
+# 7. Scale up: a million jobs ------------------------------------------------------------------
 def scale_child(count: int) -> None:
     """In a fresh process: one ``Fanout.run(count)``; print wall time, phases and memory as JSON."""
     from bench_runners import Fanout
 
-    packmule_run(200)  # imports, connections, a run: the baseline is a warm producer
+    packmule_run("each", 200)  # imports, connections, a run: the baseline is a warm producer
     before = rss_kb(os.getpid())[0]
-    wall, enqueue, until_aggregate, after = packmule_phases(count)
+    phases = packmule_run("each", count)
+    wall, enqueue, after = phases.wall + phases.after, phases.fan_out, phases.after
+    until_aggregate = phases.wall - phases.fan_out
     print(json.dumps({"wall": wall, "enqueue": enqueue, "until_aggregate": until_aggregate,
                       "aggregate": after, "rss_before_mb": before / 1024,
                       "rss_peak_mb": rss_kb(os.getpid())[1] / 1024}))
@@ -555,7 +702,7 @@ def scale_run(env: dict[str, str], count: int) -> tuple[dict[str, float], list[t
 
     child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--scale-child",
                               str(count)], env=env, cwd=ROOT, stdout=subprocess.PIPE)
-    reader, reads = Fanout("fanout"), []
+    reader, reads = Fanout("fanout-each"), []
     while child.poll() is None:
         started = time.perf_counter()
         progress = reader.update_progress()
@@ -585,7 +732,7 @@ def run_scale(jobs: int) -> int:
             workers = procs.start([sys.executable, "-m", "packmule", "--log-level", "WARNING",
                                    "worker", "--import", "bench_runners", "--tube", TUBE], WORKERS)
             with deadline(120, "warm-up"):
-                packmule_run(200)
+                packmule_run("each", 200)
             results = {}
             for count in (jobs // 10, jobs):
                 with deadline(7200, f"scale N={count}"):
@@ -630,6 +777,9 @@ def report_scale(count: int, report: dict[str, float], reads: list[tuple[int, fl
 
 
 # Profiles ------------------------------------------------------------------------------------
+
+
+# Profiles ------------------------------------------------------------------------------------
 def collapse(raw: str, skip: Callable[[list[str]], bool]) -> tuple[Counter[str], Counter[str], int]:
     """Inclusive and self sample counts per function from py-spy's raw (collapsed) output."""
     inclusive: Counter[str] = Counter()
@@ -657,47 +807,64 @@ def _short(frame: str) -> str:
     return f"{'/'.join(path.split('/')[-2:])}:{name}"
 
 
-# Phases of Worker._handle, by the frame that marks each (first match wins).
+def py_spy() -> str | None:
+    """The py-spy binary: $PY_SPY, on PATH, or next to this Python; None if absent."""
+    for candidate in (os.environ.get("PY_SPY"), shutil.which("py-spy"),
+                      str(Path(sys.executable).parent / "py-spy")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+@contextmanager
+def spying(pid: int, out: Path, *, rate: int, idle: bool) -> Iterator[None]:
+    """py-spy ``pid`` into ``out`` (raw collapsed stacks) while the block runs."""
+    spy = py_spy()
+    assert spy is not None
+    # --nonblocking: the process is not paused per sample (blocking mode at 500 Hz doubled
+    # the run time); the price is a few torn stacks, counted and left out.
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(rate),
+                             "--nonblocking", *(["--idle"] if idle else []), "--format", "raw",
+                             "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        if not out.exists():
+            say(f"profile: py-spy wrote nothing: {err.decode()[-500:]}")
+
+
+# Phases of Worker.loop_once, by the frame that marks each (first match wins).
 PHASES = (
-    ("reserve (waiting for a job + the reserve round trip)", "packmule/worker.py:Worker._reserve"),
-    ("decode envelope + build runner (prepare)", "packmule/execution.py:prepare"),
-    ("decode envelope + build runner (decode)", "packmule/envelope.py:decode"),
+    ("delete previous + reserve (waiting for a job + the round trip)",
+     "packmule/worker.py:Worker._reserve"),
+    ("decode envelope", "packmule/envelope.py:decode"),
+    ("build runner + scope (prepare)", "packmule/execution.py:prepare"),
     ("cancelled? check", "packmule/execution.py:cancelled"),
-    ("keep-alive arm/disarm", "packmule/keepalive.py:KeepAlive.watching"),
-    ("the job method itself (execute)", "packmule/execution.py:execute"),
-    ("record: store.add job outcome", "packmule/store.py:Store.add"),
-    ("record: progress + batch counters (one packet) + batch record", "packmule/aggregate.py:_notify"),
-    ("record: other", "packmule/execution.py:record"),
-    ("beanstalkd delete", "greenstalk/__init__.py:Client.delete"),
+    ("the job method itself", "benchmarks/bench_runners.py:Fanout.stamp"),
+    ("keep-alive arm/disarm + execute", "packmule/execution.py:execute"),
+    ("record: memcached writes (value, counts, batch)", "packmule/store.py:Store"),
+    ("record: batch record read + other", "packmule/execution.py:record"),
+    ("keep-alive arm/disarm", "packmule/worker.py:KeepAlive.watching"),
 )
 
 
 def profile_worker(worker_pid: int, count: int, *, wall: bool) -> None:
-    """py-spy a worker during one run() of ``count`` jobs.
+    """py-spy a worker during one run() of ``count`` jobs (the loop shape).
 
     ``wall``: every sample (py-spy --idle), waits for replies and for a CPU
     included; else only samples where the worker was on a CPU.
     """
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists():
-        say("profile: py-spy not found (pip install py-spy); skipped")
-        return
     view = "wall" if wall else "cpu"
-    out = Path(f"/tmp/packmule-bench-pyspy-{os.getpid()}-{view}.txt")
-    # --nonblocking: the worker is not paused per sample (blocking mode at 500 Hz doubled
-    # the run time); the price is a few torn stacks, counted and left out below.
-    proc = subprocess.Popen([spy, "record", "--pid", str(worker_pid), "--rate", "250",
-                             "--nonblocking", *(["--idle"] if wall else []), "--format", "raw",
-                             "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # py-spy attaches
-    cpu_before = cpu_seconds(worker_pid)
-    elapsed = packmule_run(count)
-    cpu_used = cpu_seconds(worker_pid) - cpu_before
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    out = Path(f"/tmp/packmule-bench-pyspy-{os.getpid()}-worker-{view}.txt")
+    with spying(worker_pid, out, rate=250, idle=wall):
+        cpu_before = cpu_seconds(worker_pid)
+        elapsed = packmule_run("loop", count, name="profile").wall
+        cpu_used = cpu_seconds(worker_pid) - cpu_before
     if not out.exists():
-        say(f"profile: py-spy wrote nothing: {err.decode()[-500:]}")
         return
     lines = out.read_text().splitlines()
     # The main thread's stacks start at runpy; KeepAlive threads start at Thread._bootstrap.
@@ -707,52 +874,61 @@ def profile_worker(worker_pid: int, count: int, *, wall: bool) -> None:
     loop = "packmule/worker.py:Worker.loop_once"
     inclusive, own, total = collapse("\n".join(main), lambda frames: loop not in frames)
     say(f"== profile: py-spy (250 Hz, {view} view) on worker pid {worker_pid} during run() of "
-        f"{count} jobs ({elapsed:.2f} s wall, this worker used {cpu_used:.2f} s CPU); {total} "
-        f"samples in the worker loop ({torn} torn stacks left out); raw stacks in {out}")
+        f"{count} jobs, loop of enqueue ({elapsed:.2f} s wall, this worker used {cpu_used:.2f} s "
+        f"CPU); {total} samples in the worker loop ({torn} torn stacks left out); raw stacks in {out}")
     phases: Counter[str] = Counter()
     for line in main:
         stack, _, count_text = line.rpartition(" ")
-        frames = {_short(f) for f in stack.split(";")}
+        frames = [_short(f) for f in stack.split(";")]
         if loop not in frames:
             continue
-        phase = next((label for label, marker in PHASES if marker in frames), "loop: other")
+        phase = next((label for label, marker in PHASES
+                      if any(frame.startswith(marker) for frame in frames)), "loop: other")
         phases[phase] += int(count_text)
     # us per job this worker handled (about count / WORKERS of them)
     per_job = (elapsed if wall else cpu_used) / (count / WORKERS) * 1e6
     say(f"   where the worker's {view} time goes (~{per_job:.0f} us of {view} time per job):")
     for label, hits in phases.most_common():
         say(f"   {hits / total:6.1%}  ~{hits / total * per_job:4.0f} us  {label}")
-    handling = total - inclusive["packmule/worker.py:Worker._reserve"]
-    say("   inclusive % of job handling (loop_once minus _reserve = 100%):")
-    reserve = "packmule/worker.py:Worker._reserve"
-    in_handling = Counter({name: hits - _under(main, name, reserve)
-                           for name, hits in inclusive.items()
-                           if hits < total and name != reserve})
-    for name, hits in in_handling.most_common(24):
-        say(f"   {hits / handling:6.1%}  {name}")
+    say("   inclusive % of the loop (top 24):")
+    for name, hits in inclusive.most_common(26)[2:]:
+        say(f"   {hits / total:6.1%}  {name}")
     say("   self % of all loop samples (leaf frames):")
     for name, hits in own.most_common(12):
         say(f"   {hits / total:6.1%}  {name}")
 
 
-def _under(lines: list[str], name: str, ancestor: str) -> int:
-    """Samples in which ``name`` appears below ``ancestor``."""
-    hits = 0
-    for line in lines:
-        stack, _, count = line.rpartition(" ")
-        frames = [_short(f) for f in stack.split(";")]
-        if ancestor in frames and name in frames[frames.index(ancestor):]:
-            hits += int(count)
-    return hits
+def profile_producer(count: int) -> None:
+    """py-spy this process while a loop of ``count`` enqueue calls runs (no workers)."""
+    out = Path(f"/tmp/packmule-bench-pyspy-{os.getpid()}-producer.txt")
+    with spying(os.getpid(), out, rate=1000, idle=False):
+        cpu_before = time.process_time()
+        elapsed = timed_fan_out("loop", count)
+        cpu_used = time.process_time() - cpu_before
+    if not out.exists():
+        return
+    marker = "packmule/runner.py:Runner.enqueue"
+    inclusive, own, total = collapse(out.read_text(), lambda frames: marker not in frames)
+    per_call = cpu_used / count * 1e6
+    say(f"== profile: py-spy (1000 Hz, cpu view) of this process during a loop of {count} "
+        f"enqueue calls ({elapsed / count * 1e6:.0f} us wall, ~{per_call:.0f} us CPU per call); "
+        f"{total} samples in enqueue; raw stacks in {out}")
+    say("   inclusive % and ~us per call of what enqueue calls:")
+    for name, hits in inclusive.most_common(24):
+        say(f"   {hits / total:6.1%}  ~{hits / total * per_call:5.1f} us  {name}")
+    say("   self % (leaf frames):")
+    for name, hits in own.most_common(12):
+        say(f"   {hits / total:6.1%}  ~{hits / total * per_call:5.1f} us  {name}")
 
 
-def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
-    """Split the fan-in latency (N=100, caller context) along its path, from timestamps.
+def profile_fanin(env: dict[str, str], procs: Procs, runs: int, *, count: int = 100,
+                  shape: str = "each") -> None:
+    """Split the fan-in latency (caller context) along its path, from timestamps.
 
     Extra workers import benchmarks/fanin_probe.py, which wraps a few packmule
     functions; so does this process, for the rest of its life (run this last).
     """
-    from bench_runners import FanInTrace
+    from bench_runners import FanInTrace, LoopTrace
 
     folder = Path(tempfile.mkdtemp(prefix="packmule-bench-trace-"))
     tube = "bench-trace"
@@ -772,7 +948,8 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
         with deadline(300, "fan-in trace"):
             for index in range(runs + 3):
                 begin = time.time()
-                called, last = FanInTrace("trace", tube=tube).run(100)
+                runner = (LoopTrace if shape == "loop" else FanInTrace)("trace", tube=tube)
+                called, last = runner.run(count)
                 if index >= 3:  # warm-up: imports, connections
                     windows.append((begin, time.time(), called, last))
     finally:
@@ -818,39 +995,16 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int) -> None:
         ]
         for label, a, b in points:
             segments.setdefault(label, []).append(b - a)
-    say(f"== profile: fan-in path, N=100, caller context, {len(windows)} traced runs "
+    say(f"== profile: fan-in path, N={count}, {LABELS[shape]}, caller context, {len(windows)} traced runs "
         f"({caller_fired} fired by the caller itself, left out); medians:")
     for label, values in segments.items():
         say(f"   {statistics.median(values) * 1000:6.2f} ms  {label}")
 
 
-def profile_enqueue_each(count: int) -> None:
-    from bench_runners import Driven
-
-    profiler = cProfile.Profile()
-
-    def profiled(runner: Driven) -> float:
-        runner.enqueue("echo", -1)
-        started = time.perf_counter()
-        profiler.enable()
-        runner.enqueue_each("echo", range(count))
-        profiler.disable()
-        return time.perf_counter() - started
-
-    elapsed = Driven("profile-enqueue", tube=IDLE_TUBE).run(profiled)
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
-    say(f"== profile: cProfile of enqueue_each({count}) in the producer "
-        f"({elapsed:.2f} s under the profiler), top by own time:")
-    for line in text.getvalue().splitlines():
-        if line.strip() and not line.startswith(("   Ordered", "   List")):
-            say("   " + line.strip())
-
-
 # Main ----------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, under a minute")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 100k runs")
     parser.add_argument("--profile", action="store_true", help="also profile a worker and enqueue")
     parser.add_argument("--only", choices=["fairness"],
                         help="run one section (with the plan of --quick or the full one)")
@@ -873,7 +1027,8 @@ def main() -> int:
     say(f"packmule benchmarks {time.strftime('%Y-%m-%d %H:%M')}  python "
         f"{sys.version.split()[0]}  {os.cpu_count()} cpu  {'--quick' if args.quick else 'full'}  "
         f"load average before: {load_average()}")
-    with start_local_servers() as servers:
+    # 512 MB: the four shapes keep ~600,000 values (packmule's for days, by its TTL).
+    with start_local_servers(memcached_mb=512) as servers:
         env = {**os.environ, **servers.env(), "PACKMULE_NAMESPACE": NAMESPACE,
                "PYTHONPATH": PYTHONPATH}
         os.environ.update({k: v for k, v in env.items() if k.startswith("PACKMULE_")})
@@ -888,30 +1043,36 @@ def main() -> int:
 
 def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: dict[str, str],
             procs: Procs, began: float) -> int:
-    floor = Floor(servers)
-    floor_workers = procs.start(floor.argv(), WORKERS)
+    floors = {"floor": Floor(servers), "plain": Floor(servers, plain=True)}
+    floor_workers = procs.start(floors["floor"].argv(), WORKERS)
+    plain_workers = procs.start(floors["plain"].argv(), WORKERS)
     workers = procs.start([sys.executable, "-m", "packmule", "--log-level", "WARNING", "worker",
                            "--import", "bench_runners", "--tube", TUBE], WORKERS)
     with deadline(120, "warm-up"):  # imports, connections: before any clock
-        floor.run(200)
-        packmule_run(200)
+        for shape in SHAPES:
+            sample(shape, floors, 200)
     if args.only == "fairness":
         fairness, small_fair = bench_fairness(plan, [p.pid for p in workers])
         say(f"{verdict(fairness <= 1.05)}  fairness costs a large run < 5%: "
             f"{(fairness - 1) * 100:+.1f}% (a 20-job run started during it took {fmt_s(small_fair)})")
         return 0
-    times = bench_run_times(plan, floor, [p.pid for p in floor_workers],
-                            [p.pid for p in workers])
+    pids = {"floor": [p.pid for p in floor_workers], "plain": [p.pid for p in plain_workers],
+            "loop": [p.pid for p in workers],
+            "each": [p.pid for p in workers]}
+    shapes = bench_shapes(plan, floors, pids)
     worker_rss = [rss_kb(p.pid) for p in workers]
     floor_rss = [rss_kb(p.pid) for p in floor_workers]
-    fanin = bench_fanin(plan)
+    small = bench_small_fanin(plan, floors)
     if args.profile:
-        profile_worker(workers[0].pid, 10_000, wall=True)
-        profile_worker(workers[0].pid, 10_000, wall=False)
+        if py_spy() is None:
+            say("profile: py-spy not found (pip install py-spy, or set PY_SPY); skipped")
+        else:
+            profile_worker(workers[0].pid, 10_000, wall=True)
+            profile_worker(workers[0].pid, 10_000, wall=False)
+            profile_producer(50_000)
     progress_small, progress_big = bench_progress(plan)
     loop, each = bench_enqueue(plan)
     memory = producer_memory(env, plan.memory_jobs)
-    signing = bench_signing()
     say(f"== producer peak memory, enqueue_each of {plan.memory_jobs} jobs in a fresh process")
     say(f"producer  VmRSS {memory['rss_before_mb']:.1f} MB before -> "
         f"VmHWM {memory['rss_peak_mb']:.1f} MB peak (+{memory['rss_peak_mb'] - memory['rss_before_mb']:.1f}"
@@ -922,37 +1083,61 @@ def run_all(plan: Plan, args: argparse.Namespace, servers: LocalServers, env: di
     for label, sizes in (("packmule worker", worker_rss), ("floor worker", floor_rss)):
         say(f"{label:<16} VmRSS {', '.join(f'{r / 1024:.1f}' for r, _ in sizes)} MB  "
             f"(VmHWM {', '.join(f'{h / 1024:.1f}' for _, h in sizes)} MB)")
-    fairness, small_fair = bench_fairness(plan, [p.pid for p in workers])
+    signing = bench_signing()
+    fairness = bench_fairness(plan, [p.pid for p in workers])
     if args.profile:
-        profile_enqueue_each(10_000)
         profile_fanin(env, procs, plan.fanin_runs)
-
-    say("== targets")
-    floor10k, run10k = times[10_000]
-    ratio = run10k / floor10k
-    say(f"{verdict(ratio <= 1.5)}  run() at N=10,000 within 1.5x of the floor: {ratio:.2f}x")
-    if 100_000 in times:
-        growth = times[100_000][1] / run10k
-        floor_growth = times[100_000][0] / floor10k  # the machine's own drift, for context
-        say(f"{verdict(growth <= 11)}  run() at N=100,000 within 11x of N=10,000: {growth:.2f}x "
-            f"(the floor in the same run: {floor_growth:.2f}x)")
-    else:
-        say(f"{verdict(None)}  run() at N=100,000 within 11x of N=10,000: not run with --quick")
-    say(f"{verdict(fanin < 0.005)}  fan-in median < 5 ms: {fanin * 1000:.2f} ms")
-    growth = progress_big / progress_small
-    say(f"{verdict(growth <= 1.2)}  progress read at {plan.progress_big} within 1.2x of 1,000: "
-        f"{growth:.2f}x")
-    say(f"{verdict(each >= 2 * loop)}  enqueue_each >= 2x enqueue loop: {each / loop:.2f}x")
-    say(f"{verdict(fairness <= 1.05)}  fairness costs a large run < 5%: {(fairness - 1) * 100:+.1f}% "
-        f"(a 20-job run started during it took {fmt_s(small_fair)})")
-    worst = max(r for r, _ in worker_rss) / 1024
-    peak = max(h for _, h in worker_rss) / 1024
+    report_targets(plan, shapes, small, (progress_small, progress_big), (loop, each), worker_rss)
     say(f"{verdict(signing < 5e-6)}  signing: sign + verify < 5 us/job: {signing * 1e6:.2f} us")
-    say(f"{verdict(worst < 80)}  worker RSS < 80 MB: {worst:.1f} MB after the runs "
-        f"(peak VmHWM during them {peak:.1f} MB: {verdict(peak < 80)} if judged by the peak)")
+    say(f"{verdict(fairness[0] <= 1.05)}  fairness costs a large run < 5%: "
+        f"{(fairness[0] - 1) * 100:+.1f}% (a 20-job run started during it took "
+        f"{fmt_s(fairness[1])})")
     say(f"done in {time.perf_counter() - began:.0f} s; load average after: {load_average()} "
         "(other work on the machine skews wall times; the cpu/job lines much less)")
     return 0
+
+
+def report_targets(plan: Plan, shapes: Shapes, small: dict[str, list[float]],
+                   progress: tuple[float, float], enqueue: tuple[float, float],
+                   worker_rss: list[tuple[int, int]]) -> None:
+    say("== targets (N=10,000 unless said; the floor measured in the same run)")
+    floor_wall = shapes.median(10_000, "floor")
+    floor_fanin = shapes.median(10_000, "floor", "fan_in")
+    for shape in ("loop", "each"):
+        ratio = shapes.median(10_000, shape) / floor_wall
+        say(f"{verdict(ratio <= WALL_TARGET[shape])}  {LABELS[shape]} within "
+            f"{WALL_TARGET[shape]}x of the floor: {ratio:.2f}x "
+            f"({fmt_s(shapes.median(10_000, shape))} vs {fmt_s(floor_wall)})")
+    for shape in ("loop", "each"):
+        fanin = shapes.median(10_000, shape, "fan_in")
+        say(f"{verdict(fanin / floor_fanin <= FANIN_TARGET)}  fan-in with values read, "
+            f"{LABELS[shape]}, within {FANIN_TARGET}x of the floor's: {fanin / floor_fanin:.2f}x "
+            f"({fmt_s(fanin)} vs {fmt_s(floor_fanin)})")
+    caller = statistics.median(small["caller (run)"])
+    say(f"{verdict(caller < SMALL_FANIN_TARGET)}  fan-in at N=100 (caller) under "
+        f"{SMALL_FANIN_TARGET * 1000:.0f} ms: {caller * 1000:.2f} ms (worker, run_async: "
+        f"{statistics.median(small['worker (run_async)']) * 1000:.2f} ms; the floor: "
+        f"{statistics.median(small['floor']) * 1000:.2f} ms)")
+    if (100_000, "each") in shapes.samples:
+        growth = shapes.median(100_000, "each") / shapes.median(10_000, "each")
+        floor_growth = shapes.median(100_000, "floor") / floor_wall  # the machine's own drift
+        say(f"{verdict(growth <= 11)}  enqueue_each run() at N=100,000 within 11x of N=10,000: "
+            f"{growth:.2f}x (the floor in the same run: {floor_growth:.2f}x)")
+    else:
+        say(f"{verdict(None)}  run() at N=100,000 within 11x of N=10,000: not run with --quick")
+    growth = progress[1] / progress[0]
+    say(f"{verdict(growth <= 1.2)}  progress read at {plan.progress_big} within 1.2x of 1,000: "
+        f"{growth:.2f}x")
+    loop, each = enqueue
+    # The old target "enqueue_each >= 2x the loop" measured the loop's round trip per
+    # call; issue 11 took it away, so the loop is meant to come close to enqueue_each.
+    say(f"INFO  enqueue_each vs a loop of enqueue, no workers: {each / loop:.2f}x "
+        f"({1e6 / loop:.0f} vs {1e6 / each:.0f} us per job; was a target of >= 2x while "
+        "the loop paid a round trip per call)")
+    worst = max(r for r, _ in worker_rss) / 1024
+    peak = max(h for _, h in worker_rss) / 1024
+    say(f"{verdict(worst < 80)}  worker RSS < 80 MB: {worst:.1f} MB after the runs "
+        f"(peak VmHWM during them {peak:.1f} MB: {verdict(peak < 80)} if judged by the peak)")
 
 
 if __name__ == "__main__":

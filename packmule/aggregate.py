@@ -24,16 +24,17 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from types import EllipsisType
 from typing import Any
 
 from packmule import runs
 from packmule.backends import Backends
 from packmule.envelope import dumps, loads
-from packmule.errors import EnqueueError, ResultMissing
+from packmule.errors import EnqueueError, ResultMissing, ServerRefused
 from packmule.jobref import JobRef
 from packmule.markers import MARK_BYTES, MISSING, Failure, restore
 from packmule.outcome import Outcome
-from packmule.store import Quiet, RunKeys
+from packmule.store import Ask, Quiet, RunKeys
 
 ROOT_JOB = 0
 Waiter = list[Any]  # ["a", aggregate] or ["c", chained job, source job, chained job's batch]
@@ -82,6 +83,11 @@ class Batches:
         self.sizes: dict[str, int] = {}
         self._allocations = 0
         self._diverged = False  # this execution's calls left the recorded ones
+        # Not replayable: job numbers [next, end) taken ahead from the run's
+        # sequence and counted in its total, so a loop of enqueues does not
+        # pay a round trip each; the rest is uncounted by release().
+        self._block = (0, 0)
+        self._taken = 0  # numbers this context used: the next block's size, up to BLOCK
 
     def reserve(self, count: int, signature: str = "") -> tuple[int, str]:
         """Number ``count`` new jobs and count them in the open batch: ``(first, batch)``.
@@ -91,7 +97,7 @@ class Batches:
         """
         self._allocations += 1
         if not self.replayable:
-            return allocate(self.scope, count), self._join(count)
+            return self._take(count), self._join(count)
         store = self.scope.backends.store
         key = self.scope.keys.allocation(self.origin, self._allocations)
         if not self._diverged:
@@ -130,6 +136,33 @@ class Batches:
         self.sizes[batch] = self.sizes.get(batch, 0) + count
         return first, batch
 
+    def _take(self, count: int) -> int:
+        """The first of ``count`` new job numbers, from the block taken ahead or a new one.
+
+        A new block is as large as the numbers used so far (at least
+        ``count``, at most BLOCK more), so the total counted ahead never
+        exceeds the jobs this context enqueued, nor them plus BLOCK.
+        """
+        first, end = self._block
+        if count > end - first:
+            size = max(count, min(BLOCK, self._taken))
+            first = allocate(self.scope, size, counted=size - (end - first))
+            end = first + size
+        self._block = (first + count, end)
+        self._taken += count
+        return first
+
+    def release(self) -> None:
+        """Uncount the numbers taken ahead and not used: the run's total is exact again.
+
+        Called before the context waits or its run ends (a later enqueue
+        takes a new block).
+        """
+        first, end = self._block
+        if end > first:
+            self.scope.backends.store.decr_quietly(self.scope.keys.total, end - first)
+        self._block = (0, 0)
+
     def _join(self, count: int) -> str:
         if self.current is None:
             self.current = f"{self.origin}.{uuid.uuid4().hex[:10]}"
@@ -164,13 +197,23 @@ def call_signature(method: str, *parts: bytes) -> str:
     return digest.hexdigest()
 
 
-def allocate(scope: RunScope, count: int) -> int:
-    """Allocate ``count`` job numbers and count them in progress; the first one."""
+# The most job numbers a caller takes ahead of its enqueues (see Batches._take).
+BLOCK = 256
+
+
+def allocate(scope: RunScope, count: int, *, counted: int | None = None) -> int:
+    """Allocate ``count`` job numbers; the first one.
+
+    The run's total grows by ``counted`` (``count`` unless given; less when
+    numbers taken ahead before are given up), sent before the allocation in
+    the same write, so the jobs are counted before any of them can finish.
+    """
     store, keys = scope.backends.store, scope.keys
-    last = store.incr(keys.sequence, count)
+    counted = count if counted is None else counted
+    total = [Quiet("incr" if counted > 0 else "decr", keys.total, abs(counted))] if counted else []
+    last = store.incr(keys.sequence, count, quiet_first=total)
     if last is None:
         raise ResultMissing(f"run {scope.run}: memcached lost the run's state (job sequence)")
-    store.incr_quietly(keys.total, count)
     return last - count + 1
 
 
@@ -212,15 +255,18 @@ def add_waiter(scope: RunScope, batch: str, size: int, waiter: Waiter) -> None:
             return
 
 
-def batches_state(scope: RunScope, batches: list[str]) -> str:
-    """``done``, ``pending`` or ``lost`` for these batches together."""
+def batches_state(scope: RunScope, batches: list[str],
+                  found: dict[str, bytes] | None = None) -> str:
+    """``done``, ``pending`` or ``lost`` for these batches together.
+
+    ``found``: their records and counters, if read already.
+    """
     if not batches:
         return "done"
     keys = scope.keys
-    found = scope.backends.store.get_many(
-        [keys.batch(b) for b in batches] + [keys.batch_done(b) for b in batches]
-    )
-    if len(found) < 2 * len(batches):
+    wanted = [keys.batch(b) for b in batches] + [keys.batch_done(b) for b in batches]
+    found = scope.backends.store.get_many(wanted) if found is None else found
+    if any(key not in found for key in wanted):
         return "lost"
     done = all(int(found[keys.batch_done(b)]) >= loads(found[keys.batch(b)])["k"] for b in batches)
     return "done" if done else "pending"
@@ -263,21 +309,103 @@ Completion = tuple[int, str, Outcome]  # (job, its batch, how it ended)
 def _complete_one(scope: RunScope, job: int, batch: str, outcome: Outcome,
                   pending: list[Completion]) -> Outcome:
     """Record one job's outcome and notify its batch; chained completions go to ``pending``."""
-    effective, revived, counted = _record(scope, job, outcome)
-    counting: list[Quiet] = []
-    if not counted and job != ROOT_JOB and scope.count_progress:
-        # The record ends with a newline once counted (JSON ignores it): a job
-        # that dies between recording and counting is counted when it runs again.
-        counting = [*_count(scope, effective, revived), Quiet("append", scope.keys.job(job), COUNTED)]
+    counts = job != ROOT_JOB and scope.count_progress
+    quick = _record_in_one_write(scope, job, batch, outcome, counts=counts)
+    effective, revived, done, raw = quick or _record_then_count(scope, job, batch, outcome,
+                                                                counts=counts)
     if revived is not None:  # a kicked job succeeded: its run, failed by it, is running again
         runs.resume(scope.backends, scope.run)
-    pending.extend(_notify(scope, job, batch, counting))
+    pending.extend(_notify(scope, job, batch, done, raw))
     if job == ROOT_JOB:
         runs.finish(scope.backends, scope.run, effective)
     return effective
 
 
 COUNTED = b"\n"
+# (the outcome that stands, a failure it replaced, the batch's completions, its record or ...)
+Recorded = tuple[Outcome, Outcome | None, int | None, bytes | EllipsisType | None]
+
+
+def _record_in_one_write(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
+                         counts: bool) -> Recorded | None:
+    """A value recorded, counted, its batch counted and read: one write, one round trip.
+
+    The progress count and the "counted" mark travel with the value, before
+    knowing whether this execution recorded it first; if an earlier one did
+    (a redelivery, a kicked failure), :func:`_reconcile` sets the counts right
+    after, so a job that runs twice counts once. The batch record is read in
+    the same write unless its size is known (then only once it may be done).
+    None, nothing sent: a failure, a value over 1,000 bytes, or keys spread
+    over a memcached pool (see :func:`_record_then_count`).
+    """
+    data = outcome.encode() + (COUNTED if counts else b"")
+    if not outcome.ok or len(data) > 1000:
+        return None
+    store, keys = scope.backends.store, scope.keys
+    unknown_size = batch not in scope.backends.batch_sizes
+    commands: list[Quiet | Ask] = [
+        Ask("add", keys.job(job), data), *([Quiet("incr", keys.completed)] if counts else []),
+        Ask("incr", keys.batch_done(batch)), *([Ask("get", keys.batch(batch))] if unknown_size else [])]
+    try:
+        replies = store.in_one_write(commands)
+    except ServerRefused:  # the value was refused (memcached full): it is not counted
+        if counts:
+            store.decr_quietly(keys.completed)
+        raise
+    if replies is None:
+        return None
+    added, done, raw = replies[0], replies[1], replies[2] if unknown_size else ...
+    assert isinstance(done, int | None) and isinstance(raw, bytes | EllipsisType | None)
+    if added:
+        return outcome, None, done, raw
+    return (*_reconcile(scope, job, outcome, data, counts=counts), done, raw)
+
+
+def _reconcile(scope: RunScope, job: int, outcome: Outcome, data: bytes, *,
+               counts: bool) -> tuple[Outcome, Outcome | None]:
+    """An earlier execution recorded ``job``: which outcome stands, and the counts made right.
+
+    The value ``data`` was counted as if it were the first: counted twice if the
+    earlier record was counted (taken back), the earlier record's count if
+    not (marked). A failure is replaced by the value (a buried job kicked after
+    a fix): ``(value, the failure)``, the failure uncounted.
+    """
+    store, key = scope.backends.store, scope.keys.job(job)
+    while True:
+        old, token = store.gets(key)
+        if old is None or token is None:  # gone meanwhile (evicted): ours is the record
+            if store.add(key, data):
+                return outcome, None
+            continue
+        prior, was_counted = Outcome.decode(old), old.endswith(COUNTED)
+        if prior.ok:
+            if counts and was_counted:
+                store.decr_quietly(scope.keys.completed)
+            elif counts:
+                store.append_quietly(key, COUNTED)
+            return prior, None
+        if store.cas(key, data, token):
+            revived = prior if was_counted else None
+            if counts and revived is not None and revived.own:
+                store.decr_quietly(scope.keys.failed)
+            return outcome, revived
+
+
+def _record_then_count(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
+                       counts: bool) -> Recorded:
+    """Record an outcome (waiting for the reply), then send its counts with its batch's.
+
+    A failure's count depends on what was recorded before, and with a pool
+    of memcached servers the keys may live apart.
+    """
+    effective, revived, counted = _record(scope, job, outcome)
+    counting: list[Quiet] = []
+    if not counted and counts:
+        # The record ends with a newline once counted (JSON ignores it): a job that
+        # dies between recording and counting is counted when it runs again.
+        counting = [*_count(scope, effective, revived), Quiet("append", scope.keys.job(job), COUNTED)]
+    done = scope.backends.store.incr(scope.keys.batch_done(batch), quiet_first=counting)
+    return effective, revived, done, ...
 
 
 def _record(scope: RunScope, job: int, outcome: Outcome) -> tuple[Outcome, Outcome | None, bool]:
@@ -305,20 +433,22 @@ def _count(scope: RunScope, outcome: Outcome, revived: Outcome | None) -> list[Q
     return [Quiet("incr", keys.failed)] if outcome.own else []
 
 
-def _notify(scope: RunScope, job: int, batch: str, counting: list[Quiet]) -> list[Completion]:
-    """Count the completion in its batch (after the progress writes) and wake its waiters.
+def _notify(scope: RunScope, job: int, batch: str, done: int | None,
+            raw: bytes | EllipsisType | None) -> list[Completion]:
+    """Wake the waiters of ``batch`` if its ``done`` completions may complete it.
 
-    Returns the completions of chained jobs that can now finish.
+    ``raw`` is the batch record read with the count (None: not closed yet),
+    or ``...`` if it was not read. Returns the completions of chained jobs
+    that can now finish.
     """
-    store, keys = scope.backends.store, scope.keys
-    done = store.incr(keys.batch_done(batch), quiet_first=counting)
     if done is None:
         report_loss(scope, [job], f"the completion counter of batch {batch} is gone")
         return []
     sizes = scope.backends.batch_sizes
     if done < sizes.get(batch, 0):
         return []  # a closed batch's size never changes: skip the read until it may be done
-    raw = store.get(keys.batch(batch))
+    if raw is ...:
+        raw = scope.backends.store.get(scope.keys.batch(batch))
     if raw is None:
         return []
     record = loads(raw)
@@ -327,11 +457,11 @@ def _notify(scope: RunScope, job: int, batch: str, counting: list[Quiet]) -> lis
     sizes[batch] = record["k"]
     if done < record["k"]:
         return []
-    chained = (trigger(scope, waiter) for waiter in record["w"])
+    chained = (trigger(scope, waiter, batch) for waiter in record["w"])
     return [completion for completion in chained if completion is not None]
 
 
-def trigger(scope: RunScope, waiter: Waiter) -> Completion | None:
+def trigger(scope: RunScope, waiter: Waiter, batch: str | None = None) -> Completion | None:
     """Act for a waiter whose batches look complete.
 
     An aggregate is fired (if it is ready). A chained job can finish once its
@@ -339,10 +469,11 @@ def trigger(scope: RunScope, waiter: Waiter) -> Completion | None:
     record. A batch counted complete while its source has no outcome yet
     (a redelivered sibling counted twice) is not a loss: the source's own
     completion triggers the waiter again. Only memcached having lost the
-    run's state makes the missing value a loss.
+    run's state makes the missing value a loss. ``batch``: the batch whose
+    completion triggers the waiter, if one does.
     """
     if waiter[0] == "a":
-        try_fire(scope, waiter[1])
+        try_fire(scope, waiter[1], batch)
         return None
     _, chained, source, chained_batch = waiter
     raw = scope.backends.store.get(scope.keys.job(source))
@@ -462,21 +593,29 @@ def dependencies(scope: RunScope, record: dict[str, Any]) -> list[int]:
     return [n for name in names for n in from_ranges(loads(found[name]))]
 
 
-def try_fire(scope: RunScope, number: int) -> None:
+def try_fire(scope: RunScope, number: int, batch: str | None = None) -> None:
     """Fire aggregate ``number`` if its batches are complete. Idempotent.
+
+    ``batch``: the batch whose completion asks (see :func:`trigger`).
 
     Firing only says "every dependency was counted": whoever consumes the
     aggregate (the blocked caller, or the aggregate's own job) reads the
     values once and settles it (see :func:`settle`), so the outcomes are
     read once per fan-in, not twice.
     """
-    record = aggregate_record(scope, number)
-    if record is None:
+    keys = scope.keys
+    # The batch whose completion triggered this is read with the description:
+    # an aggregate waiting on that batch alone needs no second read.
+    hint = [] if batch is None else [keys.batch(batch), keys.batch_done(batch)]
+    found = scope.backends.store.get_many([keys.aggregate(number), *hint])
+    if keys.aggregate(number) not in found:
         report_loss(scope, [number], "the aggregate's description is gone")
         return
+    record = dict(loads(found[keys.aggregate(number)]))
     if runs.is_cancelled(scope.backends, scope.run):
         return
-    state = batches_state(scope, record["batches"])
+    batches = record["batches"]
+    state = batches_state(scope, batches, found if batches == [batch] else None)
     if state == "lost":
         report_loss(scope, [number], "the completion counters of its batches are gone")
     elif state == "done":
@@ -514,17 +653,19 @@ def _gather_chunk(scope: RunScope, numbers: list[int], gathered: Gathered) -> No
     # One JSON array for the whole chunk: a json.loads per record costs more than the read.
     joined = b"[" + b",".join(found[name] for name in names if name in found) + b"]"
     records = iter(loads(joined) if MARK_BYTES not in joined else restore(loads(joined)))
+    values = gathered.values
     for number, name in zip(numbers, names, strict=True):
         if name not in found:
             gathered.missing.append(number)
-            gathered.values.append(MISSING)
+            values.append(MISSING)
             continue
-        outcome = Outcome.from_record(next(records))
-        if outcome.ok:
-            gathered.values.append(outcome.value)
-        else:
-            gathered.values.append(Failure(outcome.job, outcome.traceback))
-            gathered.failure = gathered.failure or outcome
+        record = next(records)
+        if "v" in record:  # a value (see Outcome.encode): no Outcome built for each of thousands
+            values.append(record["v"])
+            continue
+        outcome = Outcome.from_record(record)
+        values.append(Failure(outcome.job, outcome.traceback))
+        gathered.failure = gathered.failure or outcome
 
 
 WAIT = "wait"

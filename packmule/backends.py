@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from packmule import signing
 from packmule.config import Settings, settings
@@ -29,6 +30,9 @@ class Backends:
     # Sizes of closed batches seen by this thread (they never change once closed),
     # so a completion skips reading the batch record until the batch may be done.
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    # A worker's run scopes (packmule.aggregate.RunScope) by (run, lease, identity,
+    # counting progress): built once per run, not per job.
+    scopes: dict[tuple[str, int, str, bool], Any] = field(default_factory=dict)
 
     @cached_property
     def queue(self) -> Queue:
@@ -61,15 +65,25 @@ class Backends:
 
 
 _local = threading.local()
+_process = [os.getpid()]  # this process's id, kept by a fork hook: getpid is a system call
+
+
+def _forked() -> None:
+    _process[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def backends() -> Backends:
     """This thread's connections for the settings in force."""
-    current = settings()
+    current, pid = settings(), _process[0]
     cached: Backends | None = getattr(_local, "backends", None)
-    if cached is None or cached.settings != current or getattr(_local, "pid", None) != os.getpid():
-        if cached is not None and getattr(_local, "pid", None) == os.getpid():
+    if cached is not None and cached.settings is current and _local.pid == pid:
+        return cached  # the common case, per job and per enqueue: no settings compared
+    if cached is None or cached.settings != current or getattr(_local, "pid", None) != pid:
+        if cached is not None and getattr(_local, "pid", None) == pid:
             cached.close()
         cached = Backends(current)
-        _local.backends, _local.pid = cached, os.getpid()
+        _local.backends, _local.pid = cached, pid
     return cached

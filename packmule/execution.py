@@ -87,13 +87,24 @@ def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = T
     runner = cls(envelope.name, **envelope.options)
     runner._check_method(envelope.method)
     runner._admit(envelope.method, envelope.args, allowed)
-    scope = RunScope(envelope.run, envelope.lease,
-                     runner.identity, backends(), runner.push_progress_updates)
+    scope = _run_scope(envelope, runner)
     if keep_alive:
         runs.keep_alive(scope.backends, envelope.run, envelope.lease)  # the run is active
     runner._context = Context(scope, Batches(scope, str(envelope.job), replayable=True), envelope.job,
                               envelope.batch)
     return runner
+
+
+def _run_scope(envelope: Envelope, runner: Runner) -> RunScope:
+    """The scope of the envelope's run, built once per run and thread (it never changes)."""
+    clients = backends()
+    key = (envelope.run, envelope.lease, runner.identity, runner.push_progress_updates)
+    scope: RunScope | None = clients.scopes.get(key)
+    if scope is None:
+        if len(clients.scopes) > 1000:
+            clients.scopes.clear()
+        scope = clients.scopes[key] = RunScope(*key[:3], clients, key[3])
+    return scope
 
 
 def cancelled(runner: Runner) -> bool:

@@ -13,8 +13,8 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,18 +56,23 @@ class KeepAlive:
         self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-keepalive")
         self._thread.start()
 
-    @contextmanager
     def watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                 ttr_seconds: float, cancelled: Callable[[], bool]) -> Iterator[None]:
-        """Keep ``job`` alive while the body runs."""
+                 ttr_seconds: float, cancelled: Callable[[], bool]) -> KeepAlive:
+        """Keep ``job`` alive while the with-block this opens runs.
+
+        A plain context manager, not @contextmanager's generator: one per job.
+        """
         interval = max(0.5, ttr_seconds / 3)
         self._watched = _Watched(client, job, interval, cancelled, threading.get_ident(),
                                  time.monotonic() + interval)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._watched = None
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._watched = None
 
     def exclusive(self) -> AbstractContextManager[Any]:
         """Hold off touches: for a command on the reserving connection while watching."""

@@ -14,7 +14,10 @@ class Progress:
 
     Attributes:
         completed: jobs finished with a value (aggregates included).
-        total: jobs counted so far; grows while jobs enqueue more jobs.
+        total: jobs counted so far; grows while jobs enqueue more jobs. While
+            a run's loop of ``enqueue`` runs, it may count up to 256 jobs
+            ahead of those enqueued (numbers are taken in blocks), never
+            behind; exact once the run waits or ends.
         failed: jobs that failed for good (buried).
         handled: jobs whose error ``handle_error`` turned into a value.
         lost: values memcached lost, passed on as ``packmule.MISSING``.

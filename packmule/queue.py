@@ -12,6 +12,7 @@ import itertools
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import greenstalk
@@ -35,6 +36,26 @@ _REFUSALS = (greenstalk.BadFormatError, greenstalk.ExpectedCrlfError,
 # beanstalkd never stops reading because we are not reading yet.
 _CHUNK_BYTES = 64 * 1024
 _CHUNK_JOBS = 500
+# Puts sent without waiting whose replies are read in one go once this many
+# are pending on a server (about 16 bytes each: far below any socket buffer).
+_UNREAD_MAX = 256
+
+
+@dataclass
+class Sent:
+    """A put sent without waiting for beanstalkd's reply (see :meth:`Queue.send_put`).
+
+    Attributes:
+        read: the reply was read, or will never be (the connection broke).
+        job_id: beanstalkd's id, once a reply said the job is stored.
+        error: what the reply said instead of ``INSERTED`` (a refusal), or the
+            outage that left it unread: the job may or may not be stored.
+    """
+
+    body_size: int
+    read: bool = False
+    job_id: int | None = None
+    error: Exception | None = None
 
 
 class naming:
@@ -166,6 +187,7 @@ class Queue:
         self._clients: dict[int, greenstalk.Client[bytes]] = {}
         self._using: dict[int, str] = {}
         self._max_size: dict[int, int] = {}
+        self._unread: dict[int, list[Sent]] = {}  # puts sent without waiting, per server
 
     def server_for(self, number: int) -> int:
         """The pool index that job ``number`` goes to."""
@@ -179,7 +201,13 @@ class Queue:
 
     @contextmanager
     def _session(self, index: int, action: str) -> Iterator[greenstalk.Client[bytes]]:
-        """A client for server ``index``; a broken one is dropped so the next use reconnects."""
+        """A client for server ``index``; a broken one is dropped so the next use reconnects.
+
+        Replies of puts sent without waiting are read first, so every reply
+        answers its own command.
+        """
+        if self._unread.get(index):
+            self._read_unread(index)
         try:
             with naming(self.names[index], action):
                 yield self._client(index)
@@ -214,6 +242,10 @@ class Queue:
         return self._retrying(index, action, attempt)
 
     def _drop(self, index: int) -> None:
+        for sent in self._unread.pop(index, []):  # replies that will never come
+            sent.read = True
+            sent.error = sent.error or QueueUnavailable(
+                self.names[index], "beanstalkd's connection closed before it answered a put")
         client = self._clients.pop(index, None)
         self._using.pop(index, None)
         if client is not None:
@@ -292,14 +324,74 @@ class Queue:
                     if reply[:9] == b"INSERTED ":
                         stored.append(int(reply[9:]))
                     else:  # called for every refusal: a BURIED one is counted in stored
-                        error = self._refusal(index, body, reply, stored)
+                        error = self._refusal(index, len(body), reply, stored)
                         refusal = refusal or error
             except BaseException:
                 self._drop(index)  # replies left unread would answer the next command
                 raise
         return refusal
 
-    def _refusal(self, index: int, body: bytes, reply: bytes, stored: list[int]) -> Exception:
+    def send_put(self, index: int, tube: str, body: bytes, *, priority: int, delay: float,
+                 ttr: float) -> Sent:
+        """Put ``body`` on server ``index`` without waiting for the reply; what it said, later.
+
+        A loop of single puts would otherwise wait a round trip per job. The
+        reply is read with the next command on that server, by
+        :meth:`catch_up`, or here once hundreds are pending, and fills the
+        returned :class:`Sent` (which never raises: its holder reads it).
+        Not sent, and raises, only if the put cannot be written: then the
+        server is unreachable (QueueUnavailable) and nothing is pending.
+        """
+        pending = self._unread.get(index, ())
+        if len(pending) >= _UNREAD_MAX or (pending and self._using.get(index) != tube):
+            self._read_unread(index)  # `use` below reads one reply: the pending ones first
+        try:  # not _session: its generator costs more than the rest of the call
+            with naming(self.names[index], "put"):
+                client = self._client(index)
+                if self._using.get(index) != tube:
+                    client.use(tube)
+                    self._using[index] = tube
+                client._sock.sendall(b"put %d %d %d %d\r\n%b\r\n"
+                                     % (priority, int(delay), int(ttr), len(body), body))
+        except BaseException:  # a put half written, or a connection gone: start afresh
+            self._drop(index)
+            raise
+        sent = Sent(len(body))
+        self._unread.setdefault(index, []).append(sent)
+        return sent
+
+    def catch_up(self) -> None:
+        """Read the replies of every put sent without waiting, on every server."""
+        for index in [i for i, pending in self._unread.items() if pending]:
+            self._read_unread(index)
+
+    def _read_unread(self, index: int) -> None:
+        """Read server ``index``'s pending put replies into their Sent; never raises.
+
+        A broken connection is dropped: its pending puts are read as failed.
+        """
+        pending = self._unread.pop(index)
+        reader = _wire(self._clients[index])[1]
+        try:
+            with naming(self.names[index], "put"):
+                for sent in pending:
+                    reply = reader.readline()
+                    if reply[:9] == b"INSERTED ":
+                        sent.job_id = int(reply[9:])
+                    else:
+                        stored: list[int] = []
+                        sent.error = self._refusal(index, sent.body_size, reply, stored)
+                        sent.job_id = stored[0] if stored else None
+                    sent.read = True
+        except (QueueUnavailable, ConnectionError) as err:
+            unread = [sent for sent in pending if not sent.read]
+            for sent in unread:
+                sent.error = err if isinstance(err, QueueUnavailable) else QueueUnavailable(
+                    self.names[index], f"beanstalkd put failed: {err!r}")
+            self._unread[index] = unread
+            self._drop(index)
+
+    def _refusal(self, index: int, size: int, reply: bytes, stored: list[int]) -> Exception:
         """The error for a put's reply other than ``INSERTED``.
 
         ``BURIED id`` means beanstalkd stored the job but, out of memory, buried
@@ -310,7 +402,7 @@ class Queue:
         status, *values = reply.split()
         name = self.names[index]
         if status == b"JOB_TOO_BIG":
-            return JobTooBig(f"job of {len(body)} bytes refused by {name}")
+            return JobTooBig(f"job of {size} bytes refused by {name}")
         words = reply.strip().decode(errors="replace")
         if status == b"BURIED" and values:
             stored.append(int(values[0]))

@@ -14,8 +14,10 @@ import functools
 import math
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any, ClassVar
 
@@ -28,17 +30,20 @@ from packmule.errors import (
     ConfigurationError,
     EnqueueError,
     JobTooBig,
+    PackmuleError,
     ResultMissing,
     ResultPending,
     RunCancelled,
     RunFailed,
+    ServerError,
+    ServerRefused,
     UnknownMethod,
     UnknownRun,
 )
 from packmule.jobref import JobRef
 from packmule.outcome import Outcome
 from packmule.progress import Progress, read_progress
-from packmule.queue import PARK_SECONDS, Queue
+from packmule.queue import PARK_SECONDS, Queue, Sent
 from packmule.runs import RunRecord
 
 _OPTIONS = ("record_return_values", "push_progress_updates", "time_to_run", "priority", "tube",
@@ -59,6 +64,10 @@ class Context:
     # The last wait that raised RunFailed, and how to hand what it waited for to
     # the workers (see packmule.resume): the JobRef the run's root can chain to.
     failed_wait: tuple[BaseException, Callable[[], JobRef]] | None = None
+    # Single enqueues of a caller, put without waiting for beanstalkd's reply
+    # (batch, job, method, reply), and jobs found not put: see _settle.
+    sent: deque[tuple[str, int, str, Sent]] = field(default_factory=deque)
+    unput: dict[int, str] = field(default_factory=dict)
 
 
 class Runner:
@@ -229,6 +238,8 @@ class Runner:
         context = self._current_context()
         if not encoded:
             return []
+        if len(encoded) == 1 and not delay and not context.batches.replayable:
+            return [self._enqueue_one(context, method, encoded[0])]
         signature = aggregate.call_signature(method, *encoded) if context.batches.replayable else ""
         first, batch = context.batches.reserve(len(encoded), signature)
         queue, tube = context.scope.backends.queue, self.tube_name
@@ -248,6 +259,31 @@ class Runner:
         finally:
             _uncount(context, batch, len(encoded) - len(stored))
         return [context.scope.ref(number, batch) for number in range(first, first + len(encoded))]
+
+    def _enqueue_one(self, context: Context, method: str, args: bytes) -> JobRef:
+        """A caller's single enqueue, put without waiting for beanstalkd's reply.
+
+        A loop of enqueues then costs no round trip per call: the job number
+        comes from a block taken ahead (see Batches), and the put's reply is
+        read later, with hundreds of others, or before anything can depend on
+        the job (see :func:`_settle`). A refusal found in an earlier put's reply
+        is raised here, before this job is numbered.
+        """
+        _settle(context, wait=False)
+        number, batch = context.batches.reserve(1)
+        queue, tube = context.scope.backends.queue, self.tube_name
+        try:
+            body = self._template(context, batch, method, tube).body(number, args,
+                                                                     stamp(time.time()))
+            index = queue.server_for(number)
+            _check_size(queue, index, method, len(body))
+            sent = queue.send_put(index, tube, body, priority=self._job_priority(number), delay=0,
+                                  ttr=self._ttr())
+        except BaseException:
+            _uncount(context, batch, 1)
+            raise
+        context.sent.append((batch, number, method, sent))
+        return context.scope.ref(number, batch)
 
     def _template(self, context: Context, batch: str, method: str, tube: str,
                   **extra: Any) -> BodyTemplate:
@@ -302,6 +338,7 @@ class Runner:
         self._check_method(method)
         check_args(method, args)
         context = self._current_context()
+        _settle(context)
         deps = self._check_refs(context, jobs)
         if context.job is None:
             return self._defer_in_caller(context, deps, method, args,
@@ -346,6 +383,7 @@ class Runner:
         ref, record = aggregate.register_aggregate(
             context.scope, context.batches, deps, park=None,
             allow_failures=allow_failures, halt=self.halt_on_data_loss, method=method)
+        context.batches.release()  # exact progress while waiting
 
         def hand_over() -> JobRef:
             parked = park(ref.number, record["own"])
@@ -361,15 +399,20 @@ class Runner:
             if not isinstance(ref, JobRef) or ref.run != context.scope.run:
                 raise EnqueueError(f"deferred_result: jobs[{index}] = {ref!r} is not a JobRef "
                                    f"of this run ({context.scope.run})")
+            if ref.number in context.unput:
+                raise EnqueueError(f"deferred_result: jobs[{index}] = {ref!r} was never put: "
+                                   f"{context.unput[ref.number]}")
         return deps
 
     def wait(self, ref: JobRef) -> Any:
         """Block (in the caller) until job ``ref`` finished; its value."""
         context = self._current_context()
+        _settle(context)
         deps = self._check_refs(context, [ref])
         agg, record = aggregate.register_aggregate(
             context.scope, context.batches, deps, park=None, allow_failures=False,
             halt=self.halt_on_data_loss, method="wait")
+        context.batches.release()
         return self._await(context, agg, record, lambda values: values[0], lambda: ref)
 
     def _await(self, context: Context, ref: JobRef, record: dict[str, Any],
@@ -381,8 +424,8 @@ class Runner:
         """
         scope = context.scope
         try:
-            waiting.until_fired(scope, ref.number)
-            values = waiting.settled_values(scope, record)
+            values = waiting.until_fired(scope, ref.number,
+                                         lambda: waiting.settled_values(scope, record))
         except RunFailed as err:
             context.failed_wait = (err, hand_over)
             raise
@@ -598,6 +641,45 @@ def _by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
             for start in range(first, first + min(servers, count))}
 
 
+def _settle(context: Context, *, wait: bool = True) -> None:
+    """Take stock of the caller's puts sent without waiting (see Runner._enqueue_one).
+
+    With ``wait``, every reply is read first; else only those read already.
+    A job found not stored is uncounted and noted (a deferred_result over it
+    is refused: it would wait for ever). Called before anything can depend on
+    those jobs: a deferred_result or wait, the run's end.
+
+    Raises:
+        The first refusal or outage a reply said (ServerRefused,
+        QueueUnavailable, JobTooBig), naming the job and its method.
+    """
+    if not context.sent:
+        return
+    if wait:
+        context.scope.backends.queue.catch_up()
+    first: tuple[int, str, Exception] | None = None
+    while context.sent and context.sent[0][3].read:  # in the order sent (read so, per server)
+        batch, number, method, sent = context.sent.popleft()
+        if sent.job_id is None:
+            _uncount(context, batch, 1)
+            context.unput[number] = f"{type(sent.error).__name__}: {sent.error}"
+        if sent.error is not None and first is None:
+            first = number, method, sent.error
+    if first is not None:
+        raise _naming_job(*first) from first[2]
+
+
+def _naming_job(number: int, method: str, err: Exception) -> Exception:
+    """``err``, its message naming the job it concerns."""
+    job = f"job {number} {method}()"
+    if isinstance(err, ServerRefused):
+        said = str(err).removeprefix(f"{err.address}: ")
+        return ServerRefused(err.address, f"{job}: {said}", reply=err.reply)
+    if isinstance(err, ServerError):
+        return type(err)(err.address, f"{job}: {str(err).removeprefix(f'{err.address}: ')}")
+    return JobTooBig(f"{job}: {err}") if isinstance(err, JobTooBig) else err
+
+
 def _uncount(context: Context, batch: str, unput: int) -> None:
     """Take back the count of jobs that were never put (too big, or a server failed)."""
     if unput:
@@ -634,9 +716,15 @@ def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(result, JobRef):
                 returned = result
                 result = self.wait(returned)
+            _settle(context)  # a job found not put fails the run
+            context.batches.release()
             outcome = Outcome.done(result)
             outcome.encode(what=f"the value {type(self).__name__}.run() returned")
         except BaseException as err:
+            with suppress(PackmuleError):  # the run fails with err: its counts made right
+                _settle(context)
+            with suppress(PackmuleError):
+                context.batches.release()
             target = _resume_target(context, err, function.__code__, returned)
             runs.finish(scope.backends, scope.run, _failure(err), resumable=target is not None)
             if target is not None:

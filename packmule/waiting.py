@@ -31,8 +31,13 @@ T = TypeVar("T")
 STRAGGLER_PAUSES = (0.01, 2.0)
 
 
-def until_fired(scope: RunScope, number: int) -> None:
-    """Block until aggregate ``number`` fires; raise if the run is cancelled or lost."""
+def until_fired(scope: RunScope, number: int, then: Callable[[], T]) -> T:
+    """Block until aggregate ``number`` fires, then return ``then()``.
+
+    Raises if the run is cancelled or lost. The watch is stopped after
+    ``then`` (reading the values): stopping it wakes etcd's client threads,
+    which would compete for a CPU with the read the caller is waiting for.
+    """
     coord = scope.backends.coord
     fired = coord.marker_prefix(scope.run, number) + "fired"
     wake = threading.Event()
@@ -47,6 +52,7 @@ def until_fired(scope: RunScope, number: int) -> None:
 
     try:
         _poll(scope, check, doubling(*scope.backends.settings.health_check_seconds), wake)
+        return then()
     finally:
         stop_watch()
 

@@ -9,8 +9,11 @@ Points:
 - ``before-fire``: an aggregate's dependencies are all done, its etcd
   "fired" marker is not written yet;
 - ``after-fire``: the marker is written, a parked aggregate job not kicked yet;
-- ``before-count``: the job's outcome is recorded, its progress count not sent;
-- ``after-count``: its progress count is sent (in one packet with its counted
+- ``before-count``: the job's outcome is recorded, its progress count not sent
+  (where packmule sends the value, its count and its batch's count in one
+  write, the hook sends the value alone, as a worker killed between two
+  writes of a memcached pool would leave it);
+- ``after-count``: its progress count is sent (in one write with its counted
   mark and its batch's completion count), nothing after it is;
 - ``after-chain``: a job that returned a deferred result (a JobRef) has its
   chain registered, and is not deleted from beanstalkd yet.
@@ -34,7 +37,7 @@ from packmule.aggregate import RunScope
 from packmule.envelope import Envelope
 from packmule.jobref import JobRef
 from packmule.runner import Runner
-from packmule.store import Quiet
+from packmule.store import Ask, Quiet, Reply
 
 CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
 _CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-count", "after-chain")
@@ -80,7 +83,7 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
         yield
         return
     coord, store = scope.backends.coord, scope.backends.store
-    create, incr = coord.create_if_absent, store.incr
+    create, incr, in_one_write = coord.create_if_absent, store.incr, store.in_one_write
 
     def create_then_maybe_die(key: str, value: bytes, *, lease: int = 0) -> bool:
         fired = _armed() and key.endswith("/fired")
@@ -101,8 +104,21 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
             _die_once(flag)
         return result
 
+    def maybe_die_around_one_write(commands: Sequence[Quiet | Ask]) -> list[Reply] | None:
+        counting = _armed() and any(c.key == scope.keys.completed for c in commands)
+        if counting and point == "before-count" and not os.path.exists(flag):
+            value = commands[0]
+            assert isinstance(value, Ask) and isinstance(value.value, bytes)
+            store.add(value.key, value.value.rstrip(b"\n"))  # recorded, not counted
+            _die_once(flag)
+        result = in_one_write(commands)
+        if counting and point == "after-count":
+            _die_once(flag)
+        return result
+
     coord.create_if_absent = create_then_maybe_die  # type: ignore[method-assign]
     store.incr = maybe_die_around_incr  # type: ignore[method-assign]
+    store.in_one_write = maybe_die_around_one_write  # type: ignore[method-assign]
     _local.armed = True
     try:
         yield
@@ -110,6 +126,7 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
         _local.armed = False
         del coord.create_if_absent
         del store.incr
+        del store.in_one_write
 
 
 def _die_once(flag: str) -> None:

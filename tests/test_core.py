@@ -15,13 +15,14 @@ import greenstalk
 import pytest
 from conftest import ROOT, Workers, wait_until
 from fibonacci_runner import FibonacciRunner
-from runners import Adder, Empty, LateRegistration, Slow
+from runners import Adder, Driven, Empty, LateRegistration, Slow
 from sleepy_runner import SleepyRunner
 
 import packmule
-from packmule import execution
+from packmule import aggregate, execution
 from packmule.backends import backends
 from packmule.envelope import decode
+from packmule.outcome import Outcome
 
 
 def test_run_blocks_and_returns_the_sum(env: dict[str, str], workers: Workers) -> None:
@@ -167,3 +168,23 @@ def test_flushing_memcached_mid_run_raises_result_missing(env: dict[str, str],
     flusher.join()
     assert caught.value.jobs, "ResultMissing must name jobs"
     assert time.monotonic() - started < 20
+
+
+def test_a_value_is_recorded_counted_and_its_batch_counted_in_one_round_trip(
+        env: dict[str, str]) -> None:
+    """A completion's memcached writes and its batch read travel in one write; a job that
+    runs twice still counts once."""
+    def complete_by_hand(runner: Driven) -> tuple[int, int]:
+        ref = runner.enqueue("echo", [3, 0])  # no worker runs it: completed here
+        assert runner._context is not None
+        scope = runner._context.scope
+        store = scope.backends.store
+        before = store.round_trips
+        aggregate.complete(scope, ref.number, ref.batch, Outcome.done(3))
+        trips = store.round_trips - before
+        aggregate.complete(scope, ref.number, ref.batch, Outcome.done(3))  # it ran again
+        return trips, runner.update_progress().completed
+
+    trips, completed = Driven("one-trip").run(complete_by_hand)
+    assert trips == 1, f"{trips} memcached round trips to complete one job"
+    assert completed == 1

@@ -160,3 +160,70 @@ def _server_pid(queue: Queue, index: int) -> int:
         return int(client.stats()["pid"])
     finally:
         client.close()
+
+
+# A loop of single enqueues (the README's shape): no round trip per call --------------------
+def test_a_loop_of_enqueue_takes_job_numbers_in_blocks_not_a_round_trip_each(
+        pool_env: dict[str, str]) -> None:
+    def loop(runner: Adder) -> tuple[int, int, list[int]]:
+        store = backends().store
+        runner.enqueue("echo", [0, 0])
+        before = store.round_trips
+        refs = [runner.enqueue("echo", [i, 0]) for i in range(1, 1_001)]
+        trips = store.round_trips - before
+        return trips, runner.update_progress().total, [ref.number for ref in refs]
+
+    trips, total_while_looping, numbers = Driven("blocks").run(loop)
+    # Blocks of 1, 2, 4 ... 256 numbers, each taken (and counted) in one round trip.
+    assert trips <= 12, f"{trips} memcached round trips for 1,000 enqueue calls"
+    assert len(set(numbers)) == 1_000
+    # Counted ahead by at most a block while the loop runs, never behind; exact once it ends.
+    assert 1_001 <= total_while_looping <= 1_001 + 256
+    assert Driven("blocks").update_progress().total == 1_001
+
+
+def test_puts_refused_after_their_enqueue_returned_fail_the_next_wait_naming_the_job(
+        pool: LocalServers, pool_env: dict[str, str]) -> None:
+    tube, queue = pool_env["PACKMULE_TUBE"], backends().queue
+
+    def loop_while_draining(runner: Adder) -> None:
+        warm = runner.enqueue("echo", [0, 0])  # the run exists; numbers go on from here
+        drained = queue.names.index(warm.server)
+        os.kill(_server_pid(queue, drained), signal.SIGUSR1)  # drain mode: it refuses every put
+        try:
+            # Replies are read later: the calls return, half of the jobs are refused.
+            refs = [runner.enqueue("echo", [i, 0]) for i in range(1, 11)]
+            first_refused = next(ref for ref in refs if ref.server == queue.names[drained])
+            with pytest.raises(packmule.QueueUnavailable,
+                               match=rf"job {first_refused.number} echo\(\): .*draining") as caught:
+                runner.deferred_result("total", refs)
+            assert caught.value.address == queue.names[drained]
+            with pytest.raises(packmule.EnqueueError, match="was never put"):
+                runner.deferred_result("total", refs)  # it would wait for ever
+            assert _in_tube(1 - drained, tube) == 5 and _in_tube(drained, tube) == 1
+        finally:
+            pool.restart_beanstalkd(drained)
+
+    Driven("drained-loop").run(loop_while_draining)
+    assert Driven("drained-loop").update_progress().total == 6, "the refused jobs are uncounted"
+
+
+def test_single_enqueues_to_two_tubes_interleave_on_one_connection(
+        pool_env: dict[str, str]) -> None:
+    """Puts sent without waiting, then a put to another tube: its `use` must not read
+    an earlier put's reply as its own."""
+    tube = pool_env["PACKMULE_TUBE"]
+    other = f"{tube}-other"
+
+    def outer(first: Adder) -> None:
+        def inner(second: Adder) -> None:
+            for i in range(10):
+                first.enqueue("echo", [i, 0])
+                second.enqueue("echo", [i, 0])
+
+        Driven("inner", tube=other).run(inner)
+
+    Driven("outer").run(outer)
+    assert _in_tube(0, tube) + _in_tube(1, tube) == 10
+    assert _in_tube(0, other) + _in_tube(1, other) == 10
+    assert Driven("outer").update_progress().total == Driven("inner").update_progress().total == 10
