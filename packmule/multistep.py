@@ -193,6 +193,7 @@ class MultiStepTask:
                                                  (function, args, index == 0), allow_failures=False)
             previous = [ref]
         resume.chain_root(context.scope, context.batches, previous[0])
+        context.batches.release()  # the job numbers taken ahead and unused: uncounted
         self._runner._context = None
         self._jobs = []
 

@@ -362,8 +362,10 @@ class Runner:
                           args: tuple[Any, ...], *, allow_failures: bool) -> JobRef:
         """Register the aggregate as a job parked until it fires; its JobRef at once.
 
-        What `deferred_result` does in a worker; a multi-step task does it from its caller.
+        What `deferred_result` does in a worker; a multi-step task does it from its caller
+        (whose puts sent without waiting are answered first: a refused one raises here).
         """
+        _settle(context)
         signature = aggregate.call_signature(
             method, encode_args(method, args), dumps(aggregate.as_ranges(ref.number for ref in deps)),
             b"allow_failures" if allow_failures else b"")
