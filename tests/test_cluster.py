@@ -7,12 +7,10 @@ again on the same ports before it ends. Workers are real processes.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from conftest import Workers, isolated_settings, wait_until
+from conftest import Workers, in_thread, isolated_settings, wait_until
 from fibonacci_runner import FibonacciRunner
 from runners import Adder, Slow
 from runs_runners import Echo
@@ -50,18 +48,6 @@ def _address(url: str) -> str:
     return url.split("://", 1)[1]
 
 
-def _in_thread(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as err:  # handed to the test thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 # etcd: 3 members --------------------------------------------------------------------------
@@ -158,7 +144,7 @@ def test_a_memcached_server_down_then_back_empty_gives_result_missing_never_a_re
         cluster: LocalServers, cluster_env: dict[str, str], pool_workers: Workers) -> None:
     pool_workers.start("runners", 2)
     runner = Slow("forgotten")
-    thread, outcome = _in_thread(lambda: runner.run(200, 0.02))
+    thread, outcome = in_thread(lambda: runner.run(200, 0.02))
     wait_until(lambda: Slow("forgotten").update_progress().completed >= 20, timeout=30,
                what="20 jobs")
     down = _address(cluster.memcached_urls[1])
