@@ -46,8 +46,7 @@ import greenstalk  # noqa: E402
 from pymemcache.client.base import Client as Memcache  # noqa: E402
 
 import packmule  # noqa: E402
-from packmule import config  # noqa: E402
-from packmule import runner as runner_module  # noqa: E402
+from packmule import config, puts  # noqa: E402
 from packmule.backends import backends  # noqa: E402
 from packmule.servers import LocalServers, start_local_servers  # noqa: E402
 
@@ -621,13 +620,13 @@ def priorities(mode: str) -> Iterator[None]:
 
     Patched in this process only: the producer computes a job's priority as it puts it.
     """
-    fair = runner_module.job_priority
+    fair = puts.job_priority
     if mode == "flat":
-        runner_module.job_priority = lambda level, number: level << runner_module.POSITION_BITS
+        puts.job_priority = lambda level, number: level << puts.POSITION_BITS
     try:
         yield
     finally:
-        runner_module.job_priority = fair
+        puts.job_priority = fair
 
 
 def small_during_large(large: int, small: int = 20) -> tuple[float, int]:

@@ -278,7 +278,7 @@ class Queue:
                  stored: list[int]) -> None:
         """Put ``bodies`` on server ``index`` in order, pipelined: one write per chunk.
 
-        ``priority`` is one for all, or one per body (see ``runner.job_priority``).
+        ``priority`` is one for all, or one per body (see ``puts.job_priority``).
         Both may be lazy: a chunk's bodies are taken as it is sent, so a
         million jobs never need to be in memory at once.
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any, ClassVar
 
-from packmule import aggregate, leftovers, markers, resume, runs, waiting
+from packmule import aggregate, leftovers, markers, puts, resume, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
@@ -29,14 +29,11 @@ from packmule.envelope import BodyTemplate, Envelope, check_args, dumps, encode_
 from packmule.errors import (
     ConfigurationError,
     EnqueueError,
-    JobTooBig,
     PackmuleError,
     ResultMissing,
     ResultPending,
     RunCancelled,
     RunFailed,
-    ServerError,
-    ServerRefused,
     UnknownMethod,
     UnknownRun,
 )
@@ -135,9 +132,9 @@ class Runner:
                                     or retries < 0):
             raise ConfigurationError(f"{name}.max_retries: {retries!r} is not an int >= 0")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) \
-                or not 0 <= self.priority < PRIORITY_LEVELS:
+                or not 0 <= self.priority < puts.PRIORITY_LEVELS:
             raise ConfigurationError(
-                f"{name}.priority: {self.priority!r} is not a level in 0..{PRIORITY_LEVELS - 1} "
+                f"{name}.priority: {self.priority!r} is not a level in 0..{puts.PRIORITY_LEVELS - 1} "
                 "(lower runs first; the job's position in its run is added below it)")
         if self.tube is not None and not isinstance(self.tube, str):
             raise ConfigurationError(f"{name}.tube: {self.tube!r} is not a string")
@@ -246,18 +243,18 @@ class Runner:
         stored: list[int] = []
         try:
             template = self._template(context, batch, method, tube)
-            servers, enqueued = _by_server(queue, first, len(encoded)), stamp(time.time())
+            servers, enqueued = puts.by_server(queue, first, len(encoded)), stamp(time.time())
             for index, numbers in servers.items():
-                _check_size(queue, index, method,
+                puts.check_size(queue, index, method,
                             max(template.size(n, encoded[n - first], enqueued) for n in numbers))
             ttr = self._ttr()
             for index, numbers in servers.items():
                 queue.put_many(index, tube, (template.body(n, encoded[n - first], enqueued)
                                              for n in numbers),
-                               priority=(job_priority(self.priority, n) for n in numbers),
+                               priority=(puts.job_priority(self.priority, n) for n in numbers),
                                delay=delay, ttr=ttr, stored=stored)
         finally:
-            _uncount(context, batch, len(encoded) - len(stored))
+            puts.uncount(context, batch, len(encoded) - len(stored))
         return [context.scope.ref(number, batch) for number in range(first, first + len(encoded))]
 
     def _enqueue_one(self, context: Context, method: str, args: bytes) -> JobRef:
@@ -269,18 +266,18 @@ class Runner:
         the job (see :func:`_settle`). A refusal found in an earlier put's reply
         is raised here, before this job is numbered.
         """
-        _settle(context, wait=False)
+        puts.settle(context, wait=False)
         number, batch = context.batches.reserve(1)
         queue, tube = context.scope.backends.queue, self.tube_name
         try:
             body = self._template(context, batch, method, tube).body(number, args,
                                                                      stamp(time.time()))
             index = queue.server_for(number)
-            _check_size(queue, index, method, len(body))
+            puts.check_size(queue, index, method, len(body))
             sent = queue.send_put(index, tube, body, priority=self._job_priority(number), delay=0,
                                   ttr=self._ttr())
         except BaseException:
-            _uncount(context, batch, 1)
+            puts.uncount(context, batch, 1)
             raise
         context.sent.append((batch, number, method, sent))
         return context.scope.ref(number, batch)
@@ -308,7 +305,7 @@ class Runner:
         body = template.body(number, encode_args(method, args), stamp(time.time()))
         queue = context.scope.backends.queue
         index = queue.server_for(number)
-        _check_size(queue, index, method, len(body))
+        puts.check_size(queue, index, method, len(body))
         return index, body
 
     def _put(self, queue: Queue, index: int, number: int, body: bytes, *, delay: float) -> int:
@@ -317,7 +314,7 @@ class Runner:
 
     def _job_priority(self, number: int) -> int:
         """beanstalkd priority of this runner's job ``number`` (see :func:`job_priority`)."""
-        return job_priority(self.priority, number)
+        return puts.job_priority(self.priority, number)
 
     def _ttr(self) -> float:
         """beanstalkd time-to-run of this runner's jobs."""
@@ -338,7 +335,7 @@ class Runner:
         self._check_method(method)
         check_args(method, args)
         context = self._current_context()
-        _settle(context)
+        puts.settle(context)
         deps = self._check_refs(context, jobs)
         if context.job is None:
             return self._defer_in_caller(context, deps, method, args,
@@ -365,7 +362,7 @@ class Runner:
         What `deferred_result` does in a worker; a multi-step task does it from its caller
         (whose puts sent without waiting are answered first: a refused one raises here).
         """
-        _settle(context)
+        puts.settle(context)
         signature = aggregate.call_signature(
             method, encode_args(method, args), dumps(aggregate.as_ranges(ref.number for ref in deps)),
             b"allow_failures" if allow_failures else b"")
@@ -409,7 +406,7 @@ class Runner:
     def wait(self, ref: JobRef) -> Any:
         """Block (in the caller) until job ``ref`` finished; its value."""
         context = self._current_context()
-        _settle(context)
+        puts.settle(context)
         deps = self._check_refs(context, [ref])
         agg, record = aggregate.register_aggregate(
             context.scope, context.batches, deps, park=None, allow_failures=False,
@@ -612,92 +609,6 @@ def _checked_key(cls: type,
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
 
 
-# A job's beanstalkd priority (32 bits, lower first) is its runner's level
-# above its position in its run: levels stay strictly ordered, and within a
-# level the runs sharing a tube interleave. Positions past 2**24 share the last.
-PRIORITY_LEVELS = 256
-POSITION_BITS = 24
-_LAST_POSITION = (1 << POSITION_BITS) - 1
-
-
-def job_priority(level: int, number: int) -> int:
-    """The beanstalkd priority of job ``number`` of a run whose runner has ``level``.
-
-    beanstalkd hands out the lowest priority first, and FIFO among equals.
-    With the job's number (its position in its run, 0 for a run_async root)
-    below the level, the k-th job of every run of a level goes before the
-    (k+1)-th of any: runs in step alternate, and a run started while another
-    is far ahead catches up with it instead of waiting behind its backlog.
-    Costs nothing per job: no state, no extra round trip.
-    """
-    return (level << POSITION_BITS) | min(number, _LAST_POSITION)
-
-
-def _by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
-    """The numbers of jobs ``first``... ``first + count - 1`` by pool index, each in order.
-
-    A job's server is its number modulo the pool's size (``Queue.server_for``).
-    """
-    servers = len(queue.names)
-    return {queue.server_for(start): range(start, first + count, servers)
-            for start in range(first, first + min(servers, count))}
-
-
-def _settle(context: Context, *, wait: bool = True) -> None:
-    """Take stock of the caller's puts sent without waiting (see Runner._enqueue_one).
-
-    With ``wait``, every reply is read first; else only those read already.
-    A job found not stored is uncounted and noted (a deferred_result over it
-    is refused: it would wait for ever). Called before anything can depend on
-    those jobs: a deferred_result or wait, the run's end.
-
-    Raises:
-        The first refusal or outage a reply said (ServerRefused,
-        QueueUnavailable, JobTooBig), naming the job and its method.
-    """
-    if not context.sent:
-        return
-    if wait:
-        context.scope.backends.queue.catch_up()
-    first: tuple[int, str, Exception] | None = None
-    while context.sent and context.sent[0][3].read:  # in the order sent (read so, per server)
-        batch, number, method, sent = context.sent.popleft()
-        if sent.job_id is None:
-            _uncount(context, batch, 1)
-            context.unput[number] = f"{type(sent.error).__name__}: {sent.error}"
-        if sent.error is not None and first is None:
-            first = number, method, sent.error
-    if first is not None:
-        raise _naming_job(*first) from first[2]
-
-
-def _naming_job(number: int, method: str, err: Exception) -> Exception:
-    """``err``, its message naming the job it concerns."""
-    job = f"job {number} {method}()"
-    if isinstance(err, ServerRefused):
-        said = str(err).removeprefix(f"{err.address}: ")
-        return ServerRefused(err.address, f"{job}: {said}", reply=err.reply)
-    if isinstance(err, ServerError):
-        return type(err)(err.address, f"{job}: {str(err).removeprefix(f'{err.address}: ')}")
-    return JobTooBig(f"{job}: {err}") if isinstance(err, JobTooBig) else err
-
-
-def _uncount(context: Context, batch: str, unput: int) -> None:
-    """Take back the count of jobs that were never put (too big, or a server failed)."""
-    if unput:
-        context.batches.sizes[batch] -= unput
-        if not context.batches.replayable:  # a job's next attempt replays these numbers
-            context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
-
-
-def _check_size(queue: Queue, index: int, method: str, size: int) -> None:
-    """JobTooBig, naming the size and the limit, if a body of ``size`` bytes is over it."""
-    limit = queue.max_job_size(index)
-    if size > limit:
-        raise JobTooBig(f"job {method}() of {size} bytes exceeds max-job-size {limit} "
-                        f"of {queue.names[index]}")
-
-
 def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:
     queue = runner._backends.queue
     return JobRef(number, queue.names[queue.server_for(number)], record.run)
@@ -718,13 +629,13 @@ def _as_run(function: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(result, JobRef):
                 returned = result
                 result = self.wait(returned)
-            _settle(context)  # a job found not put fails the run
+            puts.settle(context)  # a job found not put fails the run
             context.batches.release()
             outcome = Outcome.done(result)
             outcome.encode(what=f"the value {type(self).__name__}.run() returned")
         except BaseException as err:
             with suppress(PackmuleError):  # the run fails with err: its counts made right
-                _settle(context)
+                puts.settle(context)
             with suppress(PackmuleError):
                 context.batches.release()
             target = _resume_target(context, err, function.__code__, returned)

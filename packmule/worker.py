@@ -20,7 +20,7 @@ runner with a ``time_limit`` has its jobs run in processes of their own
 (packmule.limits).
 
 beanstalkd's release and bury set a job's priority anew: each passes the one
-the job was put with (``runner.job_priority``), so a retried, parked or
+the job was put with (``puts.job_priority``), so a retried, parked or
 buried-then-kicked job keeps its level and its place among runs.
 """
 

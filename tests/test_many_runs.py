@@ -20,7 +20,7 @@ from scale_runners import Doomed, Later, Logged
 
 import packmule
 from packmule.backends import backends
-from packmule.runner import job_priority
+from packmule.puts import job_priority
 
 
 @pytest.mark.timeout(120)

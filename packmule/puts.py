@@ -1,0 +1,104 @@
+"""How a run's jobs are put on beanstalkd: their priority, size, server, and settling.
+
+A job's priority carries its runner's level and its place in its run (so
+runs sharing workers share them fairly); its size is checked against its
+server's limit before anything is put; its server is its number modulo the
+pool; and a caller's puts sent without waiting for their replies are
+settled (replies read, refusals raised naming the job, unput jobs
+uncounted) before anything can depend on them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from packmule.errors import JobTooBig, ServerError, ServerRefused
+from packmule.queue import Queue
+
+if TYPE_CHECKING:
+    from packmule.runner import Context
+
+# A job's beanstalkd priority (32 bits, lower first) is its runner's level
+# above its position in its run: levels stay strictly ordered, and within a
+# level the runs sharing a tube interleave. Positions past 2**24 share the last.
+PRIORITY_LEVELS = 256
+POSITION_BITS = 24
+_LAST_POSITION = (1 << POSITION_BITS) - 1
+
+
+def job_priority(level: int, number: int) -> int:
+    """The beanstalkd priority of job ``number`` of a run whose runner has ``level``.
+
+    beanstalkd hands out the lowest priority first, and FIFO among equals.
+    With the job's number (its position in its run, 0 for a run_async root)
+    below the level, the k-th job of every run of a level goes before the
+    (k+1)-th of any: runs in step alternate, and a run started while another
+    is far ahead catches up with it instead of waiting behind its backlog.
+    Costs nothing per job: no state, no extra round trip.
+    """
+    return (level << POSITION_BITS) | min(number, _LAST_POSITION)
+
+
+def by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
+    """The numbers of jobs ``first``... ``first + count - 1`` by pool index, each in order.
+
+    A job's server is its number modulo the pool's size (``Queue.server_for``).
+    """
+    servers = len(queue.names)
+    return {queue.server_for(start): range(start, first + count, servers)
+            for start in range(first, first + min(servers, count))}
+
+
+def settle(context: Context, *, wait: bool = True) -> None:
+    """Take stock of the caller's puts sent without waiting (see ``Runner._enqueue_one``).
+
+    With ``wait``, every reply is read first; else only those read already.
+    A job found not stored is uncounted and noted (a deferred_result over it
+    is refused: it would wait for ever). Called before anything can depend on
+    those jobs: a deferred_result or wait, the run's end.
+
+    Raises:
+        The first refusal or outage a reply said (ServerRefused,
+        QueueUnavailable, JobTooBig), naming the job and its method.
+    """
+    if not context.sent:
+        return
+    if wait:
+        context.scope.backends.queue.catch_up()
+    first: tuple[int, str, Exception] | None = None
+    while context.sent and context.sent[0][3].read:  # in the order sent (read so, per server)
+        batch, number, method, sent = context.sent.popleft()
+        if sent.job_id is None:
+            uncount(context, batch, 1)
+            context.unput[number] = f"{type(sent.error).__name__}: {sent.error}"
+        if sent.error is not None and first is None:
+            first = number, method, sent.error
+    if first is not None:
+        raise _naming_job(*first) from first[2]
+
+
+def _naming_job(number: int, method: str, err: Exception) -> Exception:
+    """``err``, its message naming the job it concerns."""
+    job = f"job {number} {method}()"
+    if isinstance(err, ServerRefused):
+        said = str(err).removeprefix(f"{err.address}: ")
+        return ServerRefused(err.address, f"{job}: {said}", reply=err.reply)
+    if isinstance(err, ServerError):
+        return type(err)(err.address, f"{job}: {str(err).removeprefix(f'{err.address}: ')}")
+    return JobTooBig(f"{job}: {err}") if isinstance(err, JobTooBig) else err
+
+
+def uncount(context: Context, batch: str, unput: int) -> None:
+    """Take back the count of jobs that were never put (too big, or a server failed)."""
+    if unput:
+        context.batches.sizes[batch] -= unput
+        if not context.batches.replayable:  # a job's next attempt replays these numbers
+            context.scope.backends.store.decr_quietly(context.scope.keys.total, unput)
+
+
+def check_size(queue: Queue, index: int, method: str, size: int) -> None:
+    """JobTooBig, naming the size and the limit, if a body of ``size`` bytes is over it."""
+    limit = queue.max_job_size(index)
+    if size > limit:
+        raise JobTooBig(f"job {method}() of {size} bytes exceeds max-job-size {limit} "
+                        f"of {queue.names[index]}")
