@@ -78,12 +78,16 @@ def note_buried(backends: Backends, run: str, where: tuple[int, int], job: int,
     backends.store.append_creating(RunKeys(backends.settings.namespace, run).buried, line + b"\n")
 
 
+def parked_keys(keys: RunKeys, last: int) -> list[str]:
+    """The keys of a run's parked notes, for job numbers up to ``last`` (its sequence)."""
+    return [keys.parked(chunk) for chunk in range(last // CHUNK + 1)]
+
+
 def parked_jobs(backends: Backends, run: str) -> set[tuple[int, int]]:
     """Every ``(server index, job id)`` noted for ``run`` (some may have fired and gone)."""
     keys = RunKeys(backends.settings.namespace, run)
-    last = backends.store.get(keys.sequence)
-    chunks = range(int(last or 0) // CHUNK + 1)
-    found = backends.store.get_many([keys.parked(chunk) for chunk in chunks])
+    last = int(backends.store.get(keys.sequence) or 0)
+    found = backends.store.get_many(parked_keys(keys, last))
     return {(int(server), int(job)) for notes in found.values()
             for server, job in (note.split(b":") for note in notes.split())}
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from packmule import leftovers, resume, runs
+from packmule import resume, runs
 from packmule.aggregate import Batches
 from packmule.backends import backends
 from packmule.envelope import check_args
@@ -256,10 +256,7 @@ class MultiStepTask:
 
     def cancel(self) -> bool:
         """Cancel the task: its jobs are dropped, its steps never run; False if it had ended."""
-        if not runs.cancel(backends(), self.id):
-            return False
-        leftovers.remove_parked(backends(), self.id)
-        return True
+        return runs.cancel(backends(), self.id)
 
     def __repr__(self) -> str:
         return f"<MultiStepTask {self.name!r} id={self.id}>"

@@ -208,10 +208,7 @@ def kick(backends: Backends, run: str) -> list[int]:
 def cancel(backends: Backends, run: str) -> bool:
     """Cancel ``run`` if it is running, and remove its parked aggregates; False if it had ended."""
     _known(backends, run)
-    if not runs.cancel(backends, run):
-        return False
-    leftovers.remove_parked(backends, run)
-    return True
+    return runs.cancel(backends, run)
 
 
 @dataclass(frozen=True)
@@ -261,7 +258,7 @@ def _state_keys(backends: Backends, run: str) -> list[str]:
              keys.batch_done("root"),
              *(getattr(keys, counter) for counter in COUNTERS),
              *(keys.sentinel(index) for index in range(len(store.names))),
-             *(keys.parked(chunk) for chunk in range(last // leftovers.CHUNK + 1)),
+             *leftovers.parked_keys(keys, last),
              *(keys.aggregates(chunk) for chunk in range(last // NOTE_CHUNK + 1)),
              *(keys.job(n) for n in range(last + 1))]
     for number in numbers:

@@ -562,10 +562,7 @@ class Runner:
         run = runs.latest_run(self._backends, type(self).class_path(), self.name)
         if run is None:
             raise UnknownRun(f"no run of {self.identity} is known")
-        if not runs.cancel(self._backends, run):
-            return False
-        leftovers.remove_parked(self._backends, run)
-        return True
+        return runs.cancel(self._backends, run)
 
     def _admit(self, method: str, args: list[Any], allowed: frozenset[str]) -> None:
         """Refuse a job this worker must not run, beyond its method (DecodeError).

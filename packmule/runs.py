@@ -280,6 +280,8 @@ def cancel(backends: Backends, run: str) -> bool:
     cancel flag is set. A cancelled run's flag is set again (it may have
     failed to be written the first time). The counters at that moment are
     kept in the record, so it reads ``4 / 15`` once memcached forgot the run.
+    A run this call cancelled has its parked aggregates removed from
+    beanstalkd: they can never fire now.
     """
     final = counts(backends, run) or {}
     now, changed = _transition(backends, run, lambda current: replace(
@@ -287,6 +289,8 @@ def cancel(backends: Backends, run: str) -> bool:
         if current.state == "running" else None)
     if now is not None and now.state == "cancelled":
         backends.store.set(RunKeys(backends.settings.namespace, run).cancelled, b"1")
+    if changed:
+        leftovers.remove_parked(backends, run)
     return changed
 
 
