@@ -1,15 +1,31 @@
 """The job message on beanstalkd, and the strict JSON used for every value.
 
-A job body is one JSON object (the *envelope*). Decoding checks its shape
-and refuses anything else with :class:`DecodeError`, so a foreign or
-corrupt job is buried with a reason instead of being half-executed.
-JSON only: no pickle, no eval. ``NaN`` and infinities are refused because
-JSON has no spelling for them and a silent ``null`` would be a wrong value.
+A job body (format 2) is two lines: the *head*, one JSON object with what
+the jobs of one call share (runner, run, batch, method, options...), then
+the job's own number, the time it was put and its arguments as a JSON
+array::
+
+    {"packmule":2,"runner":"app.jobs:Reindex","name":"nightly",...}
+    17 1796028235.782 ["doc-17"]
+
+A worker decodes each distinct head once and keeps it (:func:`decode`):
+for the thousands of jobs of a fan-out only the second line is new, so a
+job costs a worker a split, two numbers and a small JSON array, not a whole
+envelope's JSON and its checks. The head's JSON has no raw newline (JSON
+escapes them), so the first newline ends it. Bodies of format 1 (one JSON
+object, written by packmule before 0.5) are still read.
+
+Decoding checks the shape and refuses anything else with
+:class:`DecodeError`, so a foreign or corrupt job is buried with a reason
+instead of being half-executed. JSON only: no pickle, no eval. ``NaN`` and
+infinities are refused because JSON has no spelling for them and a silent
+``null`` would be a wrong value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +35,13 @@ from packmule.errors import DecodeError, EncodeError
 if TYPE_CHECKING:
     from packmule.signing import Signer
 
-FORMAT = 1
+FORMAT = 2  # what bodies are written in; format 1 is still read
 # One encoder for every value: json.dumps with options builds a new encoder per call.
 # Its default is called only for what JSON has no type for: packmule's markers pass.
 _STRICT = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=markers.to_json)
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     """One job as carried by beanstalkd (not frozen: a worker builds one per job, and
     a frozen dataclass pays for every field it sets).
@@ -44,6 +60,9 @@ class Envelope:
         lease: the etcd lease of the run, which its markers are attached to.
         enqueued: when it was put (epoch seconds), for the queue-wait metric; 0
             when unknown (a body written before packmule carried it).
+        head: what the jobs sharing this one's head share, decoded once (None
+            for a body of format 1): a worker keeps per head what it derives
+            from it (the runner class, the run's scope).
     """
 
     runner: str
@@ -58,6 +77,27 @@ class Envelope:
     kwargs: dict[str, Any] = field(default_factory=dict)
     lease: int = 0
     enqueued: float = 0.0
+    head: Head | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The decoded head of a format-2 body: the fields the jobs of one call share."""
+
+    runner: str
+    name: str
+    run: str
+    batch: str
+    method: str
+    options: dict[str, Any]
+    aggregate: bool
+    kwargs: dict[str, Any]
+    lease: int
+
+    def envelope(self, job: int, args: list[Any], enqueued: float) -> Envelope:
+        """The envelope of one job under this head."""
+        return Envelope(self.runner, self.name, self.run, job, self.batch, self.method, args,
+                        self.options, self.aggregate, self.kwargs, self.lease, enqueued, self)
 
 
 def stamp(when: float) -> bytes:
@@ -108,27 +148,21 @@ class BodyTemplate:
     An enqueue_each of thousands of jobs would otherwise encode the runner,
     run, options and the rest again for every job, and its arguments twice
     (once to refuse a bad value before anything is counted, once in the
-    body). This encodes the shared fields once and splices in each job's
-    number and its already encoded arguments. The bytes are those of the
-    whole envelope as one JSON object, ``{"packmule": FORMAT, **fields}``
-    (a test holds them equal), signed when a signer is given: every job body
-    is made here, so none leaves unsigned (see :mod:`packmule.signing`).
+    body). This encodes the head once and writes each job's line after it,
+    with its already encoded arguments, signed when a signer is given: every
+    job body is made here, so none leaves unsigned (see :mod:`packmule.signing`).
     """
 
     def __init__(self, envelope: Envelope, *, signer: Signer | None = None) -> None:
         """Fields shared by the jobs; ``envelope.job`` and ``envelope.args`` are ignored."""
-        e, what = envelope, f"job {envelope.method}"
-        head = dumps({"packmule": FORMAT, "runner": e.runner, "name": e.name, "run": e.run},
-                     what=what)
-        middle = dumps({"batch": e.batch, "method": e.method}, what=what)
-        tail = dumps({"options": e.options, "aggregate": e.aggregate, "kwargs": e.kwargs,
-                      "lease": e.lease}, what=what)
-        self._head = head[:-1] + b',"job":'
-        self._middle = b"," + middle[1:-1] + b',"args":'
-        self._tail = b"," + tail[1:-1] + b',"enqueued":'
-        self._enqueued = dumps(e.enqueued)
+        e = envelope
+        self._head = dumps({"packmule": FORMAT, "runner": e.runner, "name": e.name, "run": e.run,
+                            "batch": e.batch, "method": e.method, "options": e.options,
+                            "aggregate": e.aggregate, "kwargs": e.kwargs, "lease": e.lease},
+                           what=f"job {e.method}") + b"\n"
+        self._enqueued = stamp(e.enqueued)
         self._signer = signer
-        self._fixed = (len(self._head) + len(self._middle) + len(self._tail) + len(b"}")
+        self._fixed = (len(self._head) + len(b"  ")
                        + (0 if signer is None else len(signer.sign(b""))))  # its prefix
 
     def body(self, number: int, args: bytes, enqueued: bytes = b"") -> bytes:
@@ -137,8 +171,7 @@ class BodyTemplate:
         ``enqueued`` is the put's time from :func:`stamp` (one per call, as a
         template serves many calls); by default the template envelope's.
         """
-        body = b"%b%d%b%b%b%b}" % (self._head, number, self._middle, args, self._tail,
-                                   enqueued or self._enqueued)
+        body = b"%b%d %b %b" % (self._head, number, enqueued or self._enqueued, args)
         return body if self._signer is None else self._signer.sign(body)
 
     def size(self, number: int, args: bytes, enqueued: bytes = b"") -> int:
@@ -146,19 +179,13 @@ class BodyTemplate:
         return self._fixed + len(str(number)) + len(args) + len(enqueued or self._enqueued)
 
 
-_FIELD_TYPES = {
-    "runner": str,
-    "name": str,
-    "run": str,
-    "job": int,
-    "batch": str,
-    "method": str,
-    "args": list,
-    "options": dict,
-    "aggregate": bool,
-    "kwargs": dict,
-    "lease": int,
+# The head's fields and their types (``lease``: an int, not a bool).
+_HEAD_TYPES: dict[str, type] = {
+    "runner": str, "name": str, "run": str, "batch": str, "method": str,
+    "options": dict, "aggregate": bool, "kwargs": dict, "lease": int,
 }
+_FORMAT_1_FIELDS = ("runner", "name", "run", "job", "batch", "method", "args", "options",
+                    "aggregate", "kwargs", "lease")
 # Fields added since format 1 began: a body without them still decodes (a job
 # enqueued by an older packmule, drained by a newer worker), with the default.
 _OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"enqueued": (float, int)}
@@ -167,21 +194,62 @@ _OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"enqueued": (float, int)}
 def decode(body: bytes) -> Envelope:
     """Decode a job body, refusing anything packmule did not write.
 
+    A head seen before is not decoded again: its checked fields are kept
+    (up to ``HEADS_KEPT`` heads) and the job's line alone is read.
+
     Raises:
-        DecodeError: the body is not JSON, not an object, of another format
-            version, or has a missing or mistyped field (named).
+        DecodeError: the body is not one packmule wrote (not JSON, another
+            format, a missing or mistyped field, named).
     """
+    header, newline, line = body.partition(b"\n")
+    if not newline:
+        return _decode_format_1(body)
+    head = _heads.get(header) or _decode_head(header)
+    number, _, rest = line.partition(b" ")
+    enqueued, _, args_json = rest.partition(b" ")
     try:
-        data = json.loads(body)
+        text = args_json.decode()
+        args, end = _ARRAY.raw_decode(text)
+        when = float(enqueued)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise DecodeError(f"job body is not JSON packmule can read: {err!r}") from err
-    if not isinstance(data, dict) or data.get("packmule") != FORMAT:
-        raise DecodeError("job body is not a packmule envelope (format 1)")
-    for name, kind in _FIELD_TYPES.items():
-        if not isinstance(data.get(name), kind):
-            raise DecodeError(f"job envelope field {name!r} is missing or not a {kind.__name__}")
-    if ":" not in data["runner"]:
-        raise DecodeError(f"job envelope runner {data['runner']!r} is not 'module:Class'")
+        raise DecodeError(f"job body's line {_clip(line)} is not '<job> <enqueued> <JSON "
+                          f"arguments>': {err!r}") from err
+    if not (number.isdigit() and isinstance(args, list) and end == len(text)
+            and math.isfinite(when)):
+        raise DecodeError(f"job body's line {_clip(line)} is not '<job> <enqueued> <JSON "
+                          "arguments>'")
+    if markers.MARK_BYTES in args_json:
+        args = markers.restore(args)
+    return head.envelope(int(number), args, when)
+
+
+# raw_decode: json.loads of a few bytes spends more in Python around the scanner than in it.
+_ARRAY = json.JSONDecoder()
+HEADS_KEPT = 4096
+_heads: dict[bytes, Head] = {}  # decoded heads by their bytes (one entry per call enqueuing)
+
+
+def _decode_head(header: bytes) -> Head:
+    """Check and decode a body's head, and keep it for the next jobs with the same one."""
+    data = _json_object(header)
+    if data.get("packmule") != FORMAT:
+        raise DecodeError(f"job body is not a packmule envelope (format {FORMAT}, or 1)")
+    _check_fields(data, _HEAD_TYPES)
+    kwargs = markers.restore(data["kwargs"]) if markers.MARK_BYTES in header else data["kwargs"]
+    head = Head(data["runner"], data["name"], data["run"], data["batch"], data["method"],
+                data["options"], data["aggregate"], kwargs, data["lease"])
+    if len(_heads) >= HEADS_KEPT:
+        _heads.clear()
+    _heads[header] = head
+    return head
+
+
+def _decode_format_1(body: bytes) -> Envelope:
+    """A body of format 1: the whole envelope as one JSON object."""
+    data = _json_object(body)
+    if data.get("packmule") != 1:
+        raise DecodeError(f"job body is not a packmule envelope (format {FORMAT}, or 1)")
+    _check_fields(data, {**_HEAD_TYPES, "job": int, "args": list})
     optional = {}
     for name, kinds in _OPTIONAL_FIELDS.items():
         if name in data:
@@ -190,4 +258,27 @@ def decode(body: bytes) -> Envelope:
             optional[name] = data[name]
     if markers.MARK_BYTES in body:
         data["args"], data["kwargs"] = markers.restore(data["args"]), markers.restore(data["kwargs"])
-    return Envelope(**{name: data[name] for name in _FIELD_TYPES}, **optional)
+    return Envelope(**{name: data[name] for name in _FORMAT_1_FIELDS}, **optional)
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        decoded = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DecodeError(f"job body is not JSON packmule can read: {err!r}") from err
+    if not isinstance(decoded, dict):
+        raise DecodeError(f"job body is not a packmule envelope (format {FORMAT}, or 1)")
+    return decoded
+
+
+def _check_fields(data: dict[str, Any], types: dict[str, type]) -> None:
+    for name, kind in types.items():
+        value = data.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DecodeError(f"job envelope field {name!r} is missing or not a {kind.__name__}")
+    if ":" not in data["runner"]:
+        raise DecodeError(f"job envelope runner {data['runner']!r} is not 'module:Class'")
+
+
+def _clip(line: bytes) -> str:
+    return repr(line[:80]) + ("..." if len(line) > 80 else "")

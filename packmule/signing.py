@@ -7,13 +7,13 @@ worker with the secret runs only bodies whose MAC it can check.
 
 The signed form is a short prefix before the envelope's JSON::
 
-    pm1:<key id>:<MAC>:{"packmule":1,...}
+    pm1:<key id>:<MAC>:{"packmule":2,...}\n<job> <enqueued> <arguments>
 
 ``key id`` (8 hex digits, derived from the secret by an HMAC, so it says
 nothing the MAC does not) names the secret that signed, so a worker holding
 several (rotation) checks one MAC, not one per secret. ``MAC`` is the
-HMAC-SHA256 of the JSON bytes after the prefix, in 64 hex digits. The JSON
-itself begins ``{"packmule":1``, which keeps a MAC made for a job from
+HMAC-SHA256 of the body's bytes after the prefix, in 64 hex digits. The body
+itself begins ``{"packmule":2``, which keeps a MAC made for a job from
 passing for anything else signed with the same secret. Signing and checking
 cost about a microsecond each (``make bench`` measures it).
 

@@ -18,7 +18,8 @@ from runners import Adder, Driven
 import packmule
 from packmule import queue as queue_module
 from packmule.backends import backends
-from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args
+from packmule.errors import DecodeError
+from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args, stamp
 from packmule.jobref import JobRef
 from packmule.queue import Queue
 from packmule.servers import LocalServers, start_local_servers
@@ -43,13 +44,37 @@ def _in_tube(index: int, tube: str) -> int:
     return backends().queue.tube_stats(index, tube).get("total-jobs", 0)
 
 
-def test_template_bodies_are_the_whole_envelope_as_one_json_object() -> None:
-    envelope = Envelope("mod:Cls", 'n "quoted" 100% \u00e9\u2603', "run-1", 7, "caller.ab", "echo",
-                        [1, "\u2603", {"k": [None, True, 1.5]}], {"tube": "t", "priority": 3},
-                        aggregate=True, kwargs={"a": "%d"}, lease=42)
-    body = BodyTemplate(envelope).body(7, encode_args("echo", envelope.args))
-    assert body == dumps({"packmule": FORMAT, **vars(envelope)})
+def test_template_bodies_are_the_head_then_the_jobs_line() -> None:
+    envelope = Envelope("mod:Cls", 'n "quoted"\n 100% \u00e9\u2603', "run-1", 7, "caller.ab", "echo",
+                        [1, "a \u2603\n", {"k": [None, True, 1.5]}], {"tube": "t", "priority": 3},
+                        aggregate=True, kwargs={"a": "%d"}, lease=42, enqueued=1.5)
+    template = BodyTemplate(envelope)
+    body = template.body(7, encode_args("echo", envelope.args))
+    head = {name: getattr(envelope, name) for name in ("runner", "name", "run", "batch", "method",
+                                                       "options", "aggregate", "kwargs", "lease")}
+    assert body == dumps({"packmule": FORMAT, **head}) + b"\n7 1.500 " + dumps(envelope.args)
+    assert len(body) == template.size(7, encode_args("echo", envelope.args))
     assert decode(body) == envelope
+    # The next job of the same head: its head is the first one's, decoded once.
+    second = decode(template.body(8, b'["x"]', stamp(2.0)))
+    assert (second.job, second.args, second.enqueued) == (8, ["x"], 2.0)
+    assert second.head is decode(body).head is not None
+
+
+def test_bodies_of_format_1_still_decode() -> None:
+    """Jobs put by an older packmule, still in beanstalkd, are run by a newer worker."""
+    old = (b'{"packmule":1,"runner":"mod:Cls","name":"n","run":"r","job":3,"batch":"b",'
+           b'"method":"echo","args":[1],"options":{},"aggregate":false,"kwargs":{},"lease":5,'
+           b'"enqueued":2.5}')
+    assert decode(old) == Envelope("mod:Cls", "n", "r", 3, "b", "echo", [1], {}, False, {}, 5, 2.5)
+
+
+@pytest.mark.parametrize("line", [b"", b"7", b"7 1.0", b"x 1.0 []", b"-7 1.0 []", b"7 nan []",
+                                  b"7 1.0 {}", b"7 1.0 [1] ", b"7 1.0 [1", b"7 1.0 [1]\n"])
+def test_a_jobs_line_that_is_not_number_time_arguments_is_refused(line: bytes) -> None:
+    head = BodyTemplate(Envelope("mod:Cls", "n", "r", 0, "b", "echo")).body(0, b"[]").split(b"\n")[0]
+    with pytest.raises(DecodeError, match="is not '<job> <enqueued> <JSON arguments>'"):
+        decode(head + b"\n" + line)
 
 
 def test_put_many_replies_match_bodies_in_order(pool_env: dict[str, str]) -> None:

@@ -26,6 +26,7 @@ from fault_runners import Counted, Flaky, Handled, LongJob, Straggler, Tolerant,
 
 import packmule
 from packmule.backends import backends
+from packmule.envelope import BodyTemplate, Envelope
 from packmule.servers import LocalServers
 
 
@@ -236,6 +237,12 @@ def _forged(runner: str, method: str, args: list[Any], **options: Any) -> bytes:
     }).encode()
 
 
+def _forged_now(runner: str, method: str, args: list[Any]) -> bytes:
+    """A forged body of the format packmule writes today (a head, then the job's line)."""
+    head = Envelope(runner, "forged", "f0rged", 1, "caller.x", method, args)
+    return BodyTemplate(head).body(1, json.dumps(args).encode())
+
+
 @pytest.mark.timeout(60)
 def test_forged_and_corrupt_jobs_are_buried_and_the_worker_goes_on(
         env: dict[str, str], workers: Workers, tmp_path: Path,
@@ -254,6 +261,10 @@ def test_forged_and_corrupt_jobs_are_buried_and_the_worker_goes_on(
         b"\x00\xffnot json at all",
         b"[" * 30_000,  # json raises RecursionError, not ValueError
         b'{"packmule": 1, "runner": "fault_runners:Counted"}',
+        _forged_now("os:system", "system", [f"touch {touched}"]),
+        _forged_now("fault_runners:Counted", "_secret", ["private"]),
+        b'{"packmule": 2, "runner": "fault_runners:Counted"}\n1 0 []',
+        _forged_now("fault_runners:Counted", "echo", [[1, 0]]).replace(b"\n1 ", b"\n1 x "),
     ]
     address = backends().settings.beanstalkd[0]
     with greenstalk.Client(address, encoding=None, use=env["PACKMULE_TUBE"]) as client:
