@@ -50,11 +50,26 @@ class RunScope:
     backends: Backends
     count_progress: bool = True
     keys: RunKeys = field(init=False, repr=False)
+    # What follows a value's add in its completion's write, by (batch, counted,
+    # batch record read): the same commands for every job of a batch.
+    _completion_tails: dict[tuple[str, bool, bool], list[Quiet | Ask]] = field(
+        init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        # A plain attribute, not a cached_property: a worker builds a scope per
-        # job, and cached_property takes a lock on first use.
         self.keys = RunKeys(self.backends.settings.namespace, self.run)
+
+    def completion_tail(self, batch: str, counts: bool, read_batch: bool) -> list[Quiet | Ask]:
+        """The commands a completion in ``batch`` sends after its value (see _record_in_one_write)."""
+        key = (batch, counts, read_batch)
+        tail = self._completion_tails.get(key)
+        if tail is None:
+            if len(self._completion_tails) >= 1000:
+                self._completion_tails.clear()
+            keys = self.keys
+            tail = self._completion_tails[key] = [
+                *([Quiet("incr", keys.completed)] if counts else []), Ask("incr", keys.batch_done(batch)),
+                *([Ask("get", keys.batch(batch))] if read_batch else [])]
+        return tail
 
     def ref(self, number: int, batch: str = "") -> JobRef:
         """The JobRef of job ``number`` of this run."""
@@ -343,9 +358,7 @@ def _record_in_one_write(scope: RunScope, job: int, batch: str, outcome: Outcome
         return None
     store, keys = scope.backends.store, scope.keys
     unknown_size = batch not in scope.backends.batch_sizes
-    commands: list[Quiet | Ask] = [
-        Ask("add", keys.job(job), data), *([Quiet("incr", keys.completed)] if counts else []),
-        Ask("incr", keys.batch_done(batch)), *([Ask("get", keys.batch(batch))] if unknown_size else [])]
+    commands = [Ask("add", keys.job(job), data), *scope.completion_tail(batch, counts, unknown_size)]
     try:
         replies = store.in_one_write(commands)
     except ServerRefused:  # the value was refused (memcached full): it is not counted

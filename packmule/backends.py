@@ -30,9 +30,9 @@ class Backends:
     # Sizes of closed batches seen by this thread (they never change once closed),
     # so a completion skips reading the batch record until the batch may be done.
     batch_sizes: dict[str, int] = field(default_factory=dict)
-    # A worker's run scopes (packmule.aggregate.RunScope) by (run, lease, identity,
-    # counting progress): built once per run, not per job.
-    scopes: dict[tuple[str, int, str, bool], Any] = field(default_factory=dict)
+    # What a worker derives from a job head, by (head, --import list): its runner
+    # class, checked, and its run's scope (packmule.execution.Kind), once per head.
+    kinds: dict[tuple[Any, frozenset[str]], Any] = field(default_factory=dict)
 
     @cached_property
     def queue(self) -> Queue:

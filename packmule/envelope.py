@@ -80,9 +80,13 @@ class Envelope:
     head: Head | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Head:
-    """The decoded head of a format-2 body: the fields the jobs of one call share."""
+    """The decoded head of a format-2 body: the fields the jobs of one call share.
+
+    Compared and hashed by identity: a worker keeps one per distinct head
+    and keys what it derives from it by this object.
+    """
 
     runner: str
     name: str

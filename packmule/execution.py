@@ -72,6 +72,10 @@ BUILT_IN_RUNNERS = frozenset({"packmule.multistep"})
 def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = True) -> Runner:
     """A runner instance set up to execute ``envelope`` in its run's context.
 
+    Every job gets a runner of its own (jobs are independent); what jobs
+    sharing a head share (the class, its checks, the run's scope) is worked
+    out once per head (see :class:`Kind`).
+
     With ``keep_alive`` (the default), the run's lease is kept alive (see
     runs.keep_alive); a job's own process (packmule.limits) skips it: its
     worker does that, and an etcd connection made per job costs milliseconds.
@@ -83,11 +87,10 @@ def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = T
             as ``enqueue`` would have refused it (a forged or corrupt job).
         ConfigurationError: the envelope's options are not the runner's.
     """
-    cls = load_runner(envelope, allowed)
-    runner = cls(envelope.name, **envelope.options)
-    runner._check_method(envelope.method)
+    kind = _kind(envelope, allowed)
+    runner = kind.runner()
     runner._admit(envelope.method, envelope.args, allowed)
-    scope = _run_scope(envelope, runner)
+    scope = kind.scope
     if keep_alive:
         runs.keep_alive(scope.backends, envelope.run, envelope.lease)  # the run is active
     runner._context = Context(scope, Batches(scope, str(envelope.job), replayable=True), envelope.job,
@@ -95,16 +98,50 @@ def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = T
     return runner
 
 
-def _run_scope(envelope: Envelope, runner: Runner) -> RunScope:
-    """The scope of the envelope's run, built once per run and thread (it never changes)."""
+@dataclass(frozen=True)
+class Kind:
+    """What a worker derives once from a job head: the runner class, checked, and the run's scope.
+
+    ``fresh`` holds a new runner's attributes when its class keeps Runner's
+    ``__init__``: a job's runner is then a copy of them, not a constructor
+    call that checks the same options again.
+    """
+
+    cls: type[Runner]
+    name: str
+    options: dict[str, Any]
+    scope: RunScope
+    fresh: dict[str, Any] | None
+
+    def runner(self) -> Runner:
+        """A new runner for one job."""
+        if self.fresh is None:
+            return self.cls(self.name, **self.options)
+        runner: Runner = object.__new__(self.cls)
+        runner.__dict__.update(self.fresh)
+        runner.options = dict(self.options)
+        return runner
+
+
+def _kind(envelope: Envelope, allowed: frozenset[str]) -> Kind:
+    """The kind of ``envelope``'s job, kept per head and thread (a body of format 1: made anew)."""
     clients = backends()
-    key = (envelope.run, envelope.lease, runner.identity, runner.push_progress_updates)
-    scope: RunScope | None = clients.scopes.get(key)
-    if scope is None:
-        if len(clients.scopes) > 1000:
-            clients.scopes.clear()
-        scope = clients.scopes[key] = RunScope(*key[:3], clients, key[3])
-    return scope
+    key = (envelope.head, allowed)
+    kind: Kind | None = clients.kinds.get(key) if envelope.head is not None else None
+    if kind is not None:
+        return kind
+    cls = load_runner(envelope, allowed)
+    runner = cls(envelope.name, **envelope.options)
+    runner._check_method(envelope.method)
+    scope = RunScope(envelope.run, envelope.lease, runner.identity, clients,
+                     runner.push_progress_updates)
+    fresh = vars(runner).copy() if cls.__init__ is Runner.__init__ else None
+    kind = Kind(cls, envelope.name, envelope.options, scope, fresh)
+    if envelope.head is not None:
+        if len(clients.kinds) >= 1000:
+            clients.kinds.clear()
+        clients.kinds[key] = kind
+    return kind
 
 
 def cancelled(runner: Runner) -> bool:

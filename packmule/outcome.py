@@ -11,9 +11,13 @@ from packmule.markers import MARK_BYTES, MISSING, Failure, restore
 __all__ = ["MISSING", "Failure", "Outcome"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """How a job ended: with a value, or failed.
+
+    Never changed once made (``dataclasses.replace`` makes another), but not
+    frozen: every job makes one, and a frozen dataclass costs five times as
+    much to make.
 
     Attributes:
         ok: True for a value.

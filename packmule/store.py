@@ -16,7 +16,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, overload
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
@@ -349,12 +349,12 @@ class Store:
             StoreUnavailable: as for any command.
         """
         index = self.server_of(commands[0].key)
-        if any(self.server_of(c.key) != index for c in commands[1:]):
+        if len(self.names) > 1 and any(self.server_of(c.key) != index for c in commands[1:]):
             return None
-        payload = b"".join(c.line(self.ttl) for c in commands)
-        asks = [c for c in commands if isinstance(c, Ask)]
-        return self._call(index, asks[0].command, lambda c: _exchange(
-            c, payload, lambda replies: [replies.reply(ask) for ask in asks]))
+        ttl = self.ttl  # (lists, not generators: this is once per job)
+        payload = b"".join([command.line(ttl) for command in commands])
+        asks = [command for command in commands if type(command) is Ask]
+        return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
 
     def send_quietly(self, writes: Sequence[Quiet]) -> None:
         """Send progress counters and markers without waiting for replies."""
@@ -422,7 +422,7 @@ class Store:
             return {}
         wanted = {key.encode(): key for key in keys}
         payload = b"get " + b" ".join(wanted) + b"\r\n"
-        found = self._call(index, "get", lambda c: _exchange(c, payload, _Replies.values))
+        found = self._call(index, "get", lambda c: _exchange(c, payload))
         return {wanted[key]: value for key, value in found.items()}
 
     def evictions(self, index: int) -> int:
@@ -447,8 +447,15 @@ class Store:
             client.close()
 
 
-def _exchange(client: Client, payload: bytes, read: Callable[[_Replies], T]) -> T:
-    """Send ``payload`` on ``client``'s socket and ``read`` its replies.
+@overload
+def _exchange(client: Client, payload: bytes) -> dict[bytes, bytes]: ...
+@overload
+def _exchange(client: Client, payload: bytes, asks: list[Ask]) -> list[Reply]: ...
+
+
+def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None) -> Any:
+    """Send ``payload`` on ``client``'s socket and read the replies of ``asks``, in order
+    (without ``asks``: the values of one ``get``, by key).
 
     pymemcache reads every reply of its own commands in full, so nothing is
     left in the socket between commands, and this leaves nothing either.
@@ -458,7 +465,8 @@ def _exchange(client: Client, payload: bytes, read: Callable[[_Replies], T]) -> 
     sock = client.sock
     try:
         sock.sendall(payload)
-        return read(_Replies(sock))
+        replies = _Replies(sock)
+        return replies.values() if asks is None else [replies.reply(ask) for ask in asks]
     except BaseException:
         client.close()  # replies left unread would answer the next command
         raise

@@ -259,9 +259,9 @@ class Worker:
         when every server is down does the error reach the loop.
         """
         servers = len(self.settings.beanstalkd)
-        order = [(self._next + attempt) % servers for attempt in range(servers)]
-        now = time.monotonic()
-        up = [index for index in order if self._down.get(index, (0, 0.0))[1] <= now] or order
+        order = [(self._next + attempt) % servers for attempt in range(servers)] if servers > 1 \
+            else [0]
+        up = self._up(order) if self._down else order
         for position, index in enumerate(up):
             try:
                 with naming(self._names[index], "reserve"):
@@ -275,6 +275,11 @@ class Worker:
                 self._next = index + 1
                 return index, job
         return None
+
+    def _up(self, order: list[int]) -> list[int]:
+        """The servers of ``order`` not left aside, or all of them if every one is."""
+        now = time.monotonic()
+        return [index for index in order if self._down.get(index, (0, 0.0))[1] <= now] or order
 
     def _skip(self, index: int, err: QueueUnavailable) -> None:
         """Leave server ``index`` aside for a while; raise ``err`` if every server is aside."""
