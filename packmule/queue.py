@@ -171,10 +171,15 @@ def _chunks(bodies: Iterable[bytes], priorities: Iterable[int],
         yield chunk, chunk_priorities
 
 
-def connect(address: Address, timeout_seconds: float) -> greenstalk.Client[bytes]:
-    """A greenstalk client with a socket timeout, so a dead server cannot hang us."""
+def connect(address: Address, timeout_seconds: float, *,
+            coalesce: bool = False) -> greenstalk.Client[bytes]:
+    """A greenstalk client with a socket timeout, so a dead server cannot hang us.
+
+    ``coalesce``, for a producer's connection: see :meth:`sockets.TimedSocket.set_kernel_timeout`.
+    """
     with naming(format_address(address), "connect"):
-        return greenstalk.Client(sockets.connect(address, timeout_seconds), encoding=None)
+        return greenstalk.Client(sockets.connect(address, timeout_seconds, coalesce=coalesce),
+                                 encoding=None)
 
 
 class Queue:
@@ -195,7 +200,7 @@ class Queue:
 
     def _client(self, index: int) -> greenstalk.Client[bytes]:
         if index not in self._clients:
-            self._clients[index] = connect(self.addresses[index], self._timeout)
+            self._clients[index] = connect(self.addresses[index], self._timeout, coalesce=True)
             self._using[index] = "default"
         return self._clients[index]
 

@@ -20,14 +20,23 @@ from packmule.config import Address
 class TimedSocket(socket.socket):
     """A blocking socket whose sends and receives give up after ``seconds``."""
 
-    def set_kernel_timeout(self, seconds: float) -> None:
-        """Block at most ``seconds`` in any one send or receive."""
+    def set_kernel_timeout(self, seconds: float, *, coalesce: bool = False) -> None:
+        """Block at most ``seconds`` in any one send or receive.
+
+        ``coalesce`` keeps Nagle's algorithm on: writes made while earlier
+        ones are unacknowledged leave together. For a producer's puts, which
+        never wait for their replies one by one: a loop of single enqueues
+        then costs the kernel, and beanstalkd, a packet per few dozen jobs,
+        not one per job (a write is held back at most until the last one is
+        acknowledged, which beanstalkd's reply does at once). Every other
+        connection waits for each reply, and sends at once.
+        """
         self.settimeout(None)
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
         self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        self.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0 if coalesce else 1)
 
     def recv(self, *args: Any) -> bytes:
         try:
@@ -48,8 +57,11 @@ class TimedSocket(socket.socket):
             raise TimeoutError("the server took no data within the socket timeout") from err
 
 
-def connect(address: Address, seconds: float) -> TimedSocket:
-    """A TCP connection to ``address`` (IPv4 or IPv6), connected within ``seconds``."""
+def connect(address: Address, seconds: float, *, coalesce: bool = False) -> TimedSocket:
+    """A TCP connection to ``address`` (IPv4 or IPv6), connected within ``seconds``.
+
+    ``coalesce``: see :meth:`TimedSocket.set_kernel_timeout`.
+    """
     host, port = address
     error: OSError | None = None
     for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
@@ -57,7 +69,7 @@ def connect(address: Address, seconds: float) -> TimedSocket:
         try:
             sock.settimeout(seconds)
             sock.connect(sockaddr)
-            sock.set_kernel_timeout(seconds)
+            sock.set_kernel_timeout(seconds, coalesce=coalesce)
             return sock
         except OSError as err:
             sock.close()
