@@ -160,10 +160,15 @@ class BodyTemplate:
     def __init__(self, envelope: Envelope, *, signer: Signer | None = None) -> None:
         """Fields shared by the jobs; ``envelope.job`` and ``envelope.args`` are ignored."""
         e = envelope
-        self._head = dumps({"packmule": FORMAT, "runner": e.runner, "name": e.name, "run": e.run,
-                            "batch": e.batch, "method": e.method, "options": e.options,
-                            "aggregate": e.aggregate, "kwargs": e.kwargs, "lease": e.lease},
-                           what=f"job {e.method}") + b"\n"
+        head: dict[str, Any] = {"packmule": FORMAT, "runner": e.runner, "name": e.name, "run": e.run,
+                "batch": e.batch, "method": e.method, "options": e.options, "lease": e.lease}
+        # Left out when at their defaults: every byte of a body is copied, logged in
+        # beanstalkd's binlog and read again, for each of thousands of jobs.
+        if e.aggregate:
+            head["aggregate"] = True
+        if e.kwargs:
+            head["kwargs"] = e.kwargs
+        self._head = dumps(head, what=f"job {e.method}") + b"\n"
         self._enqueued = stamp(e.enqueued)
         self._signer = signer
         self._fixed = (len(self._head) + len(b"  ")
@@ -238,6 +243,8 @@ def _decode_head(header: bytes) -> Head:
     data = _json_object(header)
     if data.get("packmule") != FORMAT:
         raise DecodeError(f"job body is not a packmule envelope (format {FORMAT}, or 1)")
+    data.setdefault("aggregate", False)
+    data.setdefault("kwargs", {})
     _check_fields(data, _HEAD_TYPES)
     kwargs = markers.restore(data["kwargs"]) if markers.MARK_BYTES in header else data["kwargs"]
     head = Head(data["runner"], data["name"], data["run"], data["batch"], data["method"],

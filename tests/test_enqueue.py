@@ -51,10 +51,16 @@ def test_template_bodies_are_the_head_then_the_jobs_line() -> None:
     template = BodyTemplate(envelope)
     body = template.body(7, encode_args("echo", envelope.args))
     head = {name: getattr(envelope, name) for name in ("runner", "name", "run", "batch", "method",
-                                                       "options", "aggregate", "kwargs", "lease")}
+                                                       "options", "lease", "aggregate", "kwargs")}
     assert body == dumps({"packmule": FORMAT, **head}) + b"\n7 1.500 " + dumps(envelope.args)
     assert len(body) == template.size(7, encode_args("echo", envelope.args))
     assert decode(body) == envelope
+    # A head leaves out what is at its default.
+    plain = Envelope("mod:Cls", "n", "run-1", 0, "caller.ab", "echo", [], {"tube": "t"}, lease=4)
+    plain_body = BodyTemplate(plain).body(3, b"[]", stamp(1.0))
+    assert b"aggregate" not in plain_body and b"kwargs" not in plain_body
+    assert decode(plain_body) == Envelope("mod:Cls", "n", "run-1", 3, "caller.ab", "echo", [],
+                                          {"tube": "t"}, False, {}, 4, 1.0)
     # The next job of the same head: its head is the first one's, decoded once.
     second = decode(template.body(8, b'["x"]', stamp(2.0)))
     assert (second.job, second.args, second.enqueued) == (8, ["x"], 2.0)
