@@ -33,6 +33,7 @@ class _Watched:
     cancelled: Callable[[], bool]
     target: int
     due: float
+    delete: int | None  # a finished job still to delete on this connection
 
 
 class KeepAlive:
@@ -46,6 +47,12 @@ class KeepAlive:
     connection, so touches happen under a lock and disarming waits for a
     touch in flight: the loop never shares the socket. If the job's run is
     cancelled, the job is interrupted with JobCancelled.
+
+    The worker's last finished job may still wait for its delete, which goes
+    with the next write on the connection (see ``Worker._send_prefetch``):
+    given as ``delete``, it is deleted here at the first tick the job runs
+    through, so a job that takes its time never leaves the one before it
+    reserved (a crash would hand it out again). ``deleted`` then names it.
     """
 
     TICK = 0.1  # the shortest interval is 0.5 s (time_to_run >= 2 s, touched every third)
@@ -53,18 +60,21 @@ class KeepAlive:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: _Watched | None = None
+        self.deleted: int | None = None  # the ``delete`` done while the last job ran
         self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-keepalive")
         self._thread.start()
 
     def watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
-                 ttr_seconds: float, cancelled: Callable[[], bool]) -> KeepAlive:
-        """Keep ``job`` alive while the with-block this opens runs.
+                 ttr_seconds: float, cancelled: Callable[[], bool], *,
+                 delete: int | None = None) -> KeepAlive:
+        """Keep ``job`` alive while the with-block this opens runs (and ``delete`` that job).
 
         A plain context manager, not @contextmanager's generator: one per job.
         """
         interval = max(0.5, ttr_seconds / 3)
+        self.deleted = None
         self._watched = _Watched(client, job, interval, cancelled, threading.get_ident(),
-                                 time.monotonic() + interval)
+                                 time.monotonic() + interval, delete)
         return self
 
     def __enter__(self) -> None:
@@ -83,9 +93,22 @@ class KeepAlive:
             time.sleep(self.TICK)
             with self._lock:
                 watched = self._watched
+                if watched is not None and watched.delete is not None:
+                    self._delete(watched, watched.delete)
                 if watched is not None and time.monotonic() >= watched.due:
                     self._touch(watched)
                     watched.due = time.monotonic() + watched.interval
+
+    def _delete(self, watched: _Watched, job_id: int) -> None:
+        watched.delete = None
+        try:
+            watched.client.delete(job_id)
+        except greenstalk.NotFoundError:  # handed out again meanwhile, and done
+            pass
+        except (OSError, greenstalk.Error) as err:  # the worker's own delete tries again
+            log.warning("deleting finished job %s failed: %r", job_id, err)
+            return
+        self.deleted = job_id
 
     def _touch(self, watched: _Watched) -> None:
         try:
@@ -101,7 +124,9 @@ class KeepAlive:
 class Unwatched:
     """The keep-alive of a job's own process: none, its worker keeps the job alive."""
 
-    def watching(self, *_args: Any) -> AbstractContextManager[None]:
+    deleted: int | None = None
+
+    def watching(self, *_args: Any, **_kwargs: Any) -> AbstractContextManager[None]:
         return nullcontext()
 
     def exclusive(self) -> AbstractContextManager[None]:

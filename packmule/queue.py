@@ -97,34 +97,54 @@ def _wire(client: greenstalk.Client[bytes]) -> tuple[socket.socket, io.BufferedR
     return client._sock, client._reader
 
 
-def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int, timeout: int | None, *,
-                        reserves: Callable[[int], None] | None = None) -> greenstalk.Job[bytes] | None:
+def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int | None, timeout: int | None,
+                        *, reserves: Callable[[int], None] | None = None) -> greenstalk.Job[bytes] | None:
     """Delete a finished job and reserve the next one in a single write.
 
     A worker would otherwise wait for ``DELETED`` before asking for its next
     job: one round trip per job saved, and beanstalkd often answers both in
     one packet. Returns None if no job came within ``timeout`` seconds (or,
-    with ``timeout`` None, only deletes). A job already gone (``NOT_FOUND``)
-    is fine: it was handed out again after its time-to-run and its other
-    execution deleted it.
+    with ``timeout`` None, only deletes; with ``job_id`` None, only reserves).
+    A job already gone (``NOT_FOUND``) is fine: it was handed out again after
+    its time-to-run and its other execution deleted it.
 
     With ``reserves``, a ``stats-job`` goes first in the same write, and
     ``reserves`` is called with how many times the job was reserved (its
     attempt; 0 if it was gone) as soon as that reply is in, before the wait
     for the next job: the worker's log line of the job, without a round trip
     of its own (greenstalk's ``stats_job`` costs about half a job).
+
+    :func:`send_delete_then_reserve` and :func:`read_delete_then_reserve`
+    are its two halves, for a worker that does something else in between.
     """
-    sock, reader = _wire(client)
-    stats = b"stats-job %d\r\n" % job_id if reserves else b""
+    send_delete_then_reserve(client, job_id, timeout, stats=reserves is not None)
+    return read_delete_then_reserve(client, job_id is not None, timeout is not None,
+                                    reserves=reserves)
+
+
+def send_delete_then_reserve(client: greenstalk.Client[bytes], job_id: int | None,
+                             timeout: int | None, *, stats: bool = False) -> None:
+    """Write what :func:`delete_then_reserve` sends; nothing else may use ``client`` until
+    :func:`read_delete_then_reserve` has read the replies."""
+    delete = b"" if job_id is None else (b"stats-job %d\r\n" % job_id if stats else b"") \
+        + b"delete %d\r\n" % job_id
     reserve = b"" if timeout is None else b"reserve-with-timeout %d\r\n" % timeout
-    sock.sendall(b"%bdelete %d\r\n%b" % (stats, job_id, reserve))
-    count = _read_reserves(reader) if reserves else 0
-    deleted = reader.readline()
-    if deleted not in (b"DELETED\r\n", b"NOT_FOUND\r\n"):
-        raise ConnectionError(f"unexpected reply to delete: {deleted!r}")
-    if reserves:
-        reserves(count)
-    if timeout is None:
+    _wire(client)[0].sendall(delete + reserve)
+
+
+def read_delete_then_reserve(client: greenstalk.Client[bytes], deleting: bool, reserving: bool, *,
+                             reserves: Callable[[int], None] | None = None
+                             ) -> greenstalk.Job[bytes] | None:
+    """Read the replies of :func:`send_delete_then_reserve`: the job reserved, or None."""
+    reader = _wire(client)[1]
+    if deleting:
+        count = _read_reserves(reader) if reserves else 0
+        deleted = reader.readline()
+        if deleted not in (b"DELETED\r\n", b"NOT_FOUND\r\n"):
+            raise ConnectionError(f"unexpected reply to delete: {deleted!r}")
+        if reserves:
+            reserves(count)
+    if not reserving:
         return None
     reply = reader.readline()
     if reply.startswith(b"RESERVED "):

@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -56,7 +56,14 @@ from packmule.errors import (
 from packmule.forks import ForkServer
 from packmule.keepalive import KeepAlive, Unwatched
 from packmule.metrics import WorkerMetrics
-from packmule.queue import PARK_SECONDS, connect, delete_then_reserve, naming
+from packmule.queue import (
+    PARK_SECONDS,
+    connect,
+    delete_then_reserve,
+    naming,
+    read_delete_then_reserve,
+    send_delete_then_reserve,
+)
 from packmule.registry import Heartbeat
 from packmule.retry import backoff_seconds
 from packmule.signing import SignatureError
@@ -104,6 +111,11 @@ class Worker:
         # The last job done: its delete is sent with the next reserve on its
         # server (one write, one round trip).
         self._finished: _Finished | None = None
+        # The next job, reserved while the last one was recorded (see _send_prefetch),
+        # and what that write asked besides: the last job's delete, its attempt.
+        self._prefetched: greenstalk.Job[bytes] | None = None
+        self._prefetch_deletes = False
+        self._prefetch_report: Callable[[int], None] | None = None
         self._index = 0  # pool index of the server the job in hand came from
         self._attempt: int | None = None  # the job in hand's, once known
         # For the registry's heartbeat thread, which reads them: plain assignments per job.
@@ -171,12 +183,15 @@ class Worker:
                 time.sleep(pause)
         with suppress(ServerError):
             self._delete_finished()
+        if self._prefetched is not None:  # asked for, never started: back to the tube
+            self._close_clients()
 
     def _close_clients(self) -> None:
         """Close the reserving connections (their reserved jobs go back to ready)."""
         if self._finished is not None:  # handed out again: its next execution finds it recorded
             self._report_finished(self._finished, 0)
             self._finished = None
+        self._prefetched = None  # released by beanstalkd as its connection closes
         for client in self._clients.values():
             with suppress(OSError):
                 client.close()
@@ -204,6 +219,9 @@ class Worker:
         if in_hand is None:  # a corrupt job: logged as buried already
             return True
         if outcome == DONE:
+            # The last job's delete went with the next job's reserve, unless that
+            # job was asked for early (_send_prefetch) and did not ask again.
+            self._delete_finished()
             self._finished = _Finished(index, job.id, in_hand[0], seconds)
         else:
             self._report(in_hand[0], outcome, seconds, self._attempt)
@@ -258,6 +276,10 @@ class Worker:
         pause doubling up to 5 s: the worker goes on with the others. Only
         when every server is down does the error reach the loop.
         """
+        prefetched = self._prefetched
+        if prefetched is not None:  # asked for while the last job was recorded
+            self._prefetched = None
+            return 0, prefetched
         servers = len(self.settings.beanstalkd)
         order = [(self._next + attempt) % servers for attempt in range(servers)] if servers > 1 \
             else [0]
@@ -292,6 +314,7 @@ class Worker:
                 client.close()
         if self._finished is not None and self._finished.index == index:
             self._finished = None  # handed out again: its next execution finds it recorded
+        self._prefetched = None  # (only ever on a one-server pool: its connection is gone)
         if len(self._down) == len(self.settings.beanstalkd):
             raise err
         log.warning("%s; working with the other servers, trying it again in %.1f s", err, pause)
@@ -309,6 +332,32 @@ class Worker:
             return client.reserve(timeout=timeout)
         except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
             return None
+
+    def _send_prefetch(self, client: greenstalk.Client[bytes]) -> bool:
+        """Ask for the next job (with the last one's delete) while this one's value is recorded.
+
+        The worker then waits once per job instead of twice: beanstalkd
+        answers while memcached records the value, and the next job is in
+        hand when the recording returns (:meth:`_read_prefetch`, which must
+        read the replies before the connection serves anything else). Sent
+        only once the job's method returned, with a zero timeout, so a worker
+        never holds a job it will not start at once; only on a one-server pool
+        (a pool's servers are reserved from in turn). True if sent.
+        """
+        if (self._prefetched is not None or self.stopping or self._in_child
+                or len(self.settings.beanstalkd) != 1):
+            return False
+        finished, self._finished = self._finished, None
+        self._prefetch_report = None if finished is None else self._reporter(finished)
+        send_delete_then_reserve(client, None if finished is None else finished.job_id, 0,
+                                 stats=self._prefetch_report is not None)
+        self._prefetch_deletes = finished is not None
+        return True
+
+    def _read_prefetch(self, client: greenstalk.Client[bytes]) -> None:
+        """Read the replies of :meth:`_send_prefetch`: the next job, if one was ready."""
+        self._prefetched = read_delete_then_reserve(client, self._prefetch_deletes, True,
+                                                    reserves=self._prefetch_report)
 
     def _delete_finished(self) -> None:
         """Delete the last finished job on its own (stopping, or next reserve elsewhere)."""
@@ -441,11 +490,9 @@ class Worker:
         if execution.cancelled(runner):
             client.delete(job)
             return CANCELLED
-        ttr = runner.time_to_run or self.settings.ttr_seconds
+        finished = self._pending_delete()
         try:
-            # The keep-alive thread must use its own connections: backends() there.
-            with self._keepalive.watching(
-                    client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease)):
+            with self._watching(client, job, runner, envelope, finished):
                 result = execution.execute(runner, envelope)
         except JobCancelled:
             client.delete(job)
@@ -454,6 +501,8 @@ class Worker:
             raise
         except BaseException as err:  # anything the job raised is the job's failure
             return self._on_job_error(client, job, runner, envelope, err)
+        finally:
+            self._note_deleted(finished)
         if isinstance(result, execution.Verdict):
             client.release(job, priority=runner._job_priority(envelope.job), delay=PARK_SECONDS)
             if execution.ready(runner, envelope):
@@ -461,13 +510,42 @@ class Worker:
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)
             return PARKED
+        prefetching = self._send_prefetch(client)
         try:
-            execution.record(runner, envelope, result)
+            try:
+                execution.record(runner, envelope, result)
+            finally:
+                if prefetching:
+                    self._read_prefetch(client)
         except (EncodeError, ServerRefused) as err:  # the same value again would fail again
             self._bury_failed(client, job, runner, envelope, "its return value cannot be "
                               f"recorded: {type(err).__name__}: {err}")
             return FAILED
         return DONE
+
+    def _watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes], runner: Any,
+                  envelope: Envelope, finished: _Finished | None) -> AbstractContextManager[Any]:
+        """The keep-alive of the job in hand, deleting ``finished`` if it runs a while."""
+        ttr = runner.time_to_run or self.settings.ttr_seconds
+        # The keep-alive thread must use its own connections: backends() there.
+        return self._keepalive.watching(
+            client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease),
+            delete=None if finished is None else finished.job_id)
+
+    def _pending_delete(self) -> _Finished | None:
+        """The last job done, if its delete still waits, on the connection of the job in hand.
+
+        Asked for early (see _send_prefetch), the job in hand came without
+        sending it: the keep-alive sends it if the job in hand runs a while.
+        """
+        finished = self._finished
+        return finished if finished is not None and finished.index == self._index else None
+
+    def _note_deleted(self, finished: _Finished | None) -> None:
+        """Forget ``finished`` if the keep-alive deleted it while the job in hand ran."""
+        if finished is not None and self._keepalive.deleted == finished.job_id:
+            self._finished = None
+            self._report_finished(finished, 0)
 
     def _execute_limited(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                          runner: Any, envelope: Envelope) -> str:
@@ -479,11 +557,10 @@ class Worker:
         process died, fails like a job that raised (retries apply).
         """
         assert self._forks is not None
-        ttr = runner.time_to_run or self.settings.ttr_seconds
         what = f"job {envelope.job} {envelope.method}() of run {envelope.run}"
+        finished = self._pending_delete()
         try:
-            with self._keepalive.watching(
-                    client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease)):
+            with self._watching(client, job, runner, envelope, finished):
                 ended = limits.run_limited(self._forks, client, job, index=self._index,
                                            limit=runner.time_limit, what=what,
                                            exclusive=self._keepalive.exclusive)
@@ -494,6 +571,8 @@ class Worker:
             client.release(job, priority=runner._job_priority(envelope.job))
             self.stopping, self.exit_code = True, 1
             return UNRUNNABLE
+        finally:
+            self._note_deleted(finished)
         self._attempt = ended.attempt
         return ended.outcome
 
