@@ -349,15 +349,17 @@ class Worker:
             return False
         finished, self._finished = self._finished, None
         self._prefetch_report = None if finished is None else self._reporter(finished)
-        send_delete_then_reserve(client, None if finished is None else finished.job_id, 0,
-                                 stats=self._prefetch_report is not None)
         self._prefetch_deletes = finished is not None
+        with naming(self._names[0], "reserve"):  # an outage, whatever the job in hand does
+            send_delete_then_reserve(client, None if finished is None else finished.job_id, 0,
+                                     stats=self._prefetch_report is not None)
         return True
 
     def _read_prefetch(self, client: greenstalk.Client[bytes]) -> None:
         """Read the replies of :meth:`_send_prefetch`: the next job, if one was ready."""
-        self._prefetched = read_delete_then_reserve(client, self._prefetch_deletes, True,
-                                                    reserves=self._prefetch_report)
+        with naming(self._names[0], "reserve"):
+            self._prefetched = read_delete_then_reserve(client, self._prefetch_deletes, True,
+                                                        reserves=self._prefetch_report)
 
     def _delete_finished(self) -> None:
         """Delete the last finished job on its own (stopping, or next reserve elsewhere)."""

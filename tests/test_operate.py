@@ -208,13 +208,20 @@ def test_purge_removes_jobs_and_memcached_keys_of_an_ended_run(
     Counted("long").cancel()
 
 
+def _counts(stats: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(stats.get(f"current-{name}", 0) for name in
+                 ("jobs-ready", "jobs-reserved", "jobs-delayed", "jobs-buried", "watching"))
+
+
 def test_tubes_count_jobs_by_state_per_server(env: dict[str, str], workers: Workers,
                                               tmp_path: Path) -> None:
     _failed_run(env, workers, tmp_path, "bad")
     tube = env["PACKMULE_TUBE"]
     server = backends().queue.names[0]
-    wait_until(lambda: backends().queue.tube_stats(0, tube).get("current-watching") == 2,
-               timeout=30, what="both workers to watch the tube")
+    # The run reads failed once job 3's failure is recorded; the job is buried and the
+    # aggregate parked (delayed) just after.
+    wait_until(lambda: _counts(backends().queue.tube_stats(0, tube)) == (0, 0, 1, 1, 2),
+               timeout=30, what="job 3 buried, the aggregate parked, both workers watching")
     rows = [row for row in cli_json("tubes") if row["tube"] == tube]
     assert rows == [{"server": server, "tube": tube, "ready": 0, "reserved": 0, "delayed": 1,
                      "buried": 1, "watching": 2}]
