@@ -13,7 +13,7 @@ for the thousands of jobs of a fan-out only the second line is new, so a
 job costs a worker a split, two numbers and a small JSON array, not a whole
 envelope's JSON and its checks. The head's JSON has no raw newline (JSON
 escapes them), so the first newline ends it. Bodies of format 1 (one JSON
-object, written by packmule before 0.5) are still read.
+object, written by earlier packmule versions) are still read.
 
 Decoding checks the shape and refuses anything else with
 :class:`DecodeError`, so a foreign or corrupt job is buried with a reason
