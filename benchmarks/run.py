@@ -839,7 +839,11 @@ def spying(pid: int, out: Path, *, rate: int, idle: bool) -> Iterator[None]:
 # Phases of Worker.loop_once, by the frame that marks each (first match wins).
 PHASES = (
     ("delete previous + reserve (waiting for a job + the round trip)",
-     "packmule/worker.py:Worker._reserve"),
+     "packmule/reserving.py:Reservations.reserve"),
+    ("next job asked for while the value is recorded (prefetch write)",
+     "packmule/reserving.py:Reservations.send_prefetch"),
+    ("next job read after the value is recorded (prefetch read)",
+     "packmule/reserving.py:Reservations.read_prefetch"),
     ("decode envelope", "packmule/envelope.py:decode"),
     ("build runner + scope (prepare)", "packmule/execution.py:prepare"),
     ("cancelled? check", "packmule/execution.py:cancelled"),
@@ -847,7 +851,7 @@ PHASES = (
     ("keep-alive arm/disarm + execute", "packmule/execution.py:execute"),
     ("record: memcached writes (value, counts, batch)", "packmule/store.py:Store"),
     ("record: batch record read + other", "packmule/execution.py:record"),
-    ("keep-alive arm/disarm", "packmule/worker.py:KeepAlive.watching"),
+    ("keep-alive arm/disarm", "packmule/keepalive.py:KeepAlive.watching"),
 )
 
 

@@ -19,6 +19,10 @@ counted in the worker's metrics when they are served (packmule.metrics). A
 runner with a ``time_limit`` has its jobs run in processes of their own
 (packmule.limits).
 
+Jobs are reserved, and deleted once done, through packmule.reserving, which
+spares the round trips (a delete rides with the next reserve; the next job
+is asked for while the last one's value is recorded).
+
 beanstalkd's release and bury set a job's priority anew: each passes the one
 the job was put with (``puts.job_priority``), so a retried, parked or
 buried-then-kicked job keeps its level and its place among runs.
@@ -31,9 +35,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -41,14 +43,13 @@ import greenstalk
 
 from packmule import execution, leftovers, limits, runs, signing
 from packmule.backends import backends
-from packmule.config import Settings, format_address, settings
+from packmule.config import Settings, settings
 from packmule.envelope import Envelope, decode
 from packmule.errors import (
     EncodeError,
     ForkServerGone,
     JobCancelled,
     JobStopped,
-    QueueUnavailable,
     ServerError,
     ServerRefused,
     ServerUnavailable,
@@ -56,15 +57,9 @@ from packmule.errors import (
 from packmule.forks import ForkServer
 from packmule.keepalive import KeepAlive, Unwatched
 from packmule.metrics import WorkerMetrics
-from packmule.queue import (
-    PARK_SECONDS,
-    connect,
-    delete_then_reserve,
-    naming,
-    read_delete_then_reserve,
-    send_delete_then_reserve,
-)
+from packmule.queue import PARK_SECONDS, naming
 from packmule.registry import Heartbeat
+from packmule.reserving import Finished, Reservations
 from packmule.retry import backoff_seconds
 from packmule.signing import SignatureError
 
@@ -79,16 +74,6 @@ CANCELLED, PARKED, UNRUNNABLE, CORRUPT = "cancelled", "parked", "unrunnable", "c
 REFUSED = "refused"  # its signature is missing or wrong: buried, never run
 
 
-@dataclass
-class _Finished:
-    """A job done: its delete, and its log line with its attempt, go with the next write."""
-
-    index: int
-    job_id: int
-    envelope: Envelope
-    seconds: float
-
-
 class Worker:
     """Reserves jobs from the tubes of every beanstalkd server of the pool.
 
@@ -101,21 +86,11 @@ class Worker:
         self.settings = config or settings()
         self.allowed = frozenset(imports)
         self.tubes = tubes or [self.settings.tube]
-        self._names = [format_address(a) for a in self.settings.beanstalkd]  # for errors
         self.burst = burst
         self.stopping = False
-        self._clients: dict[int, greenstalk.Client[bytes]] = {}
+        self._pool = Reservations(self.settings, self.tubes, self._report_finished)
         self._keepalive: KeepAlive | Unwatched = KeepAlive()
         self.signer = signing.from_settings(self.settings)
-        self._next = 0
-        # The last job done: its delete is sent with the next reserve on its
-        # server (one write, one round trip).
-        self._finished: _Finished | None = None
-        # The next job, reserved while the last one was recorded (see _send_prefetch),
-        # and what that write asked besides: the last job's delete, its attempt.
-        self._prefetched: greenstalk.Job[bytes] | None = None
-        self._prefetch_deletes = False
-        self._prefetch_report: Callable[[int], None] | None = None
         self._index = 0  # pool index of the server the job in hand came from
         self._attempt: int | None = None  # the job in hand's, once known
         # For the registry's heartbeat thread, which reads them: plain assignments per job.
@@ -127,8 +102,6 @@ class Worker:
         self._forks: ForkServer | None = None  # for jobs under a time limit, once running
         self._in_child = False  # True in a job's own process
         self.exit_code = 0  # 1: stopped because it cannot go on (its fork server died)
-        # Unreachable servers: index -> (failures in a row, when to try it again).
-        self._down: dict[int, tuple[int, float]] = {}
 
     def run(self) -> None:
         """Work until asked to stop (or, with ``burst``, until the tubes are empty)."""
@@ -141,7 +114,7 @@ class Worker:
         self._forks.start()
         if self.metrics is not None and self._metrics_address is not None:
             self.metrics.serve(self._metrics_address[1], self._metrics_address[0])
-        log.info("worker %d watching %s on %s", os.getpid(), self.tubes, self._names)
+        log.info("worker %d watching %s on %s", os.getpid(), self.tubes, self._pool.names)
         if self.signer is None:
             log.warning("jobs are not signed (no secret): this worker runs any job put on %s",
                         self.tubes)
@@ -177,25 +150,14 @@ class Worker:
                 failures = 0
             except ServerError as err:
                 failures += 1
-                self._close_clients()
+                self._pool.close()
                 pause = backoff_seconds(failures, base=0.2, cap=5.0)
                 log.warning("%s; retrying in %.1f s", err, pause)
                 time.sleep(pause)
         with suppress(ServerError):
-            self._delete_finished()
-        if self._prefetched is not None:  # asked for, never started: back to the tube
-            self._close_clients()
-
-    def _close_clients(self) -> None:
-        """Close the reserving connections (their reserved jobs go back to ready)."""
-        if self._finished is not None:  # handed out again: its next execution finds it recorded
-            self._report_finished(self._finished, 0)
-            self._finished = None
-        self._prefetched = None  # released by beanstalkd as its connection closes
-        for client in self._clients.values():
-            with suppress(OSError):
-                client.close()
-        self._clients.clear()
+            self._pool.delete_finished()
+        if self._pool.holding:  # a job asked for, never started: back to the tube
+            self._pool.close()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping:
@@ -204,25 +166,22 @@ class Worker:
 
     def loop_once(self) -> bool:
         """Reserve and handle one job; False if none came within the timeout."""
-        reserved = self._reserve()
+        reserved = self._pool.reserve()
         if reserved is None:
             return False
         index, job = reserved
         self._index, self._attempt = index, None
         started = time.perf_counter()
-        with naming(self._names[index], "job handling"):
+        with naming(self._pool.names[index], "job handling"):
             try:
-                outcome = self._handle(self._clients[index], job)
+                outcome = self._handle(self._pool.client(index), job)
             finally:
                 in_hand, self._in_hand = self._in_hand, None
         seconds = time.perf_counter() - started
         if in_hand is None:  # a corrupt job: logged as buried already
             return True
         if outcome == DONE:
-            # The last job's delete went with the next job's reserve, unless that
-            # job was asked for early (_send_prefetch) and did not ask again.
-            self._delete_finished()
-            self._finished = _Finished(index, job.id, in_hand[0], seconds)
+            self._pool.done(Finished(index, job.id, in_hand[0], seconds))
         else:
             self._report(in_hand[0], outcome, seconds, self._attempt)
         return True
@@ -243,133 +202,9 @@ class Worker:
                             "runner": envelope.runner, "duration": round(seconds, 6),
                             "outcome": outcome, "attempt": attempt})
 
-    def _report_finished(self, finished: _Finished, reserves: int) -> None:
+    def _report_finished(self, finished: Finished, reserves: int) -> None:
         """Report a job done once its delete was sent; ``reserves`` 0 if unknown."""
         self._report(finished.envelope, DONE, finished.seconds, reserves or None)
-
-    def _reporter(self, finished: _Finished) -> Callable[[int], None] | None:
-        """What to call with a done job's attempt, read along with its delete.
-
-        Only its log line shows the attempt: without INFO logging, report it
-        now and ask beanstalkd for nothing more.
-        """
-        if log.isEnabledFor(logging.INFO):
-            return lambda reserves: self._report_finished(finished, reserves)
-        self._report_finished(finished, 0)
-        return None
-
-    def _client(self, index: int) -> greenstalk.Client[bytes]:
-        if index not in self._clients:
-            client = connect(self.settings.beanstalkd[index], self.settings.socket_timeout_seconds
-                             + 2)
-            for tube in self.tubes:
-                client.watch(tube)
-            if "default" not in self.tubes:
-                client.ignore("default")
-            self._clients[index] = client
-        return self._clients[index]
-
-    def _reserve(self) -> tuple[int, greenstalk.Job[bytes]] | None:
-        """Reserve from the pool's servers in turn; None if none had a job within ~1 s.
-
-        A server that cannot be reached is skipped, and tried again after a
-        pause doubling up to 5 s: the worker goes on with the others. Only
-        when every server is down does the error reach the loop.
-        """
-        prefetched = self._prefetched
-        if prefetched is not None:  # asked for while the last job was recorded
-            self._prefetched = None
-            return 0, prefetched
-        servers = len(self.settings.beanstalkd)
-        order = [(self._next + attempt) % servers for attempt in range(servers)] if servers > 1 \
-            else [0]
-        up = self._up(order) if self._down else order
-        for position, index in enumerate(up):
-            try:
-                with naming(self._names[index], "reserve"):
-                    job = self._reserve_on(index, 1 if position == len(up) - 1 else 0)
-            except QueueUnavailable as err:  # the server named: a delete sent along may fail
-                self._skip(self._names.index(err.address) if err.address in self._names
-                           else index, err)
-                continue
-            self._down.pop(index, None)
-            if job is not None:
-                self._next = index + 1
-                return index, job
-        return None
-
-    def _up(self, order: list[int]) -> list[int]:
-        """The servers of ``order`` not left aside, or all of them if every one is."""
-        now = time.monotonic()
-        return [index for index in order if self._down.get(index, (0, 0.0))[1] <= now] or order
-
-    def _skip(self, index: int, err: QueueUnavailable) -> None:
-        """Leave server ``index`` aside for a while; raise ``err`` if every server is aside."""
-        failures = self._down.get(index, (0, 0.0))[0] + 1
-        pause = backoff_seconds(failures, base=0.5, cap=5.0)
-        self._down[index] = (failures, time.monotonic() + pause)
-        client = self._clients.pop(index, None)
-        if client is not None:
-            with suppress(OSError):
-                client.close()
-        if self._finished is not None and self._finished.index == index:
-            self._finished = None  # handed out again: its next execution finds it recorded
-        self._prefetched = None  # (only ever on a one-server pool: its connection is gone)
-        if len(self._down) == len(self.settings.beanstalkd):
-            raise err
-        log.warning("%s; working with the other servers, trying it again in %.1f s", err, pause)
-
-    def _reserve_on(self, index: int, timeout: int) -> greenstalk.Job[bytes] | None:
-        """Reserve from server ``index``, sending the last finished job's delete along."""
-        client = self._client(index)
-        finished = self._finished
-        if finished is not None and finished.index == index:
-            self._finished = None
-            return delete_then_reserve(client, finished.job_id, timeout,
-                                       reserves=self._reporter(finished))
-        self._delete_finished()
-        try:
-            return client.reserve(timeout=timeout)
-        except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
-            return None
-
-    def _send_prefetch(self, client: greenstalk.Client[bytes]) -> bool:
-        """Ask for the next job (with the last one's delete) while this one's value is recorded.
-
-        The worker then waits once per job instead of twice: beanstalkd
-        answers while memcached records the value, and the next job is in
-        hand when the recording returns (:meth:`_read_prefetch`, which must
-        read the replies before the connection serves anything else). Sent
-        only once the job's method returned, with a zero timeout, so a worker
-        never holds a job it will not start at once; only on a one-server pool
-        (a pool's servers are reserved from in turn). True if sent.
-        """
-        if (self._prefetched is not None or self.stopping or self._in_child
-                or len(self.settings.beanstalkd) != 1):
-            return False
-        finished, self._finished = self._finished, None
-        self._prefetch_report = None if finished is None else self._reporter(finished)
-        self._prefetch_deletes = finished is not None
-        with naming(self._names[0], "reserve"):  # an outage, whatever the job in hand does
-            send_delete_then_reserve(client, None if finished is None else finished.job_id, 0,
-                                     stats=self._prefetch_report is not None)
-        return True
-
-    def _read_prefetch(self, client: greenstalk.Client[bytes]) -> None:
-        """Read the replies of :meth:`_send_prefetch`: the next job, if one was ready."""
-        with naming(self._names[0], "reserve"):
-            self._prefetched = read_delete_then_reserve(client, self._prefetch_deletes, True,
-                                                        reserves=self._prefetch_report)
-
-    def _delete_finished(self) -> None:
-        """Delete the last finished job on its own (stopping, or next reserve elsewhere)."""
-        finished = self._finished
-        if finished is None:
-            return
-        self._finished = None
-        with naming(self._names[finished.index], "delete"):
-            delete_then_reserve(self._clients[finished.index], finished.job_id, None,
-                                reserves=self._reporter(finished))
 
     def _handle(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes]) -> str:
         """Handle one job; how it ended (DONE: it is left for the loop to delete).
@@ -492,7 +327,7 @@ class Worker:
         if execution.cancelled(runner):
             client.delete(job)
             return CANCELLED
-        finished = self._pending_delete()
+        finished = self._pool.pending_delete(self._index)
         try:
             with self._watching(client, job, runner, envelope, finished):
                 result = execution.execute(runner, envelope)
@@ -512,13 +347,14 @@ class Worker:
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)
             return PARKED
-        prefetching = self._send_prefetch(client)
+        # The next job is asked for while this one's value is recorded (see reserving).
+        prefetching = not (self.stopping or self._in_child) and self._pool.send_prefetch(client)
         try:
             try:
                 execution.record(runner, envelope, result)
             finally:
                 if prefetching:
-                    self._read_prefetch(client)
+                    self._pool.read_prefetch(client)
         except (EncodeError, ServerRefused) as err:  # the same value again would fail again
             self._bury_failed(client, job, runner, envelope, "its return value cannot be "
                               f"recorded: {type(err).__name__}: {err}")
@@ -526,7 +362,7 @@ class Worker:
         return DONE
 
     def _watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes], runner: Any,
-                  envelope: Envelope, finished: _Finished | None) -> AbstractContextManager[Any]:
+                  envelope: Envelope, finished: Finished | None) -> AbstractContextManager[Any]:
         """The keep-alive of the job in hand, deleting ``finished`` if it runs a while."""
         ttr = runner.time_to_run or self.settings.ttr_seconds
         # The keep-alive thread must use its own connections: backends() there.
@@ -534,20 +370,10 @@ class Worker:
             client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease),
             delete=None if finished is None else finished.job_id)
 
-    def _pending_delete(self) -> _Finished | None:
-        """The last job done, if its delete still waits, on the connection of the job in hand.
-
-        Asked for early (see _send_prefetch), the job in hand came without
-        sending it: the keep-alive sends it if the job in hand runs a while.
-        """
-        finished = self._finished
-        return finished if finished is not None and finished.index == self._index else None
-
-    def _note_deleted(self, finished: _Finished | None) -> None:
-        """Forget ``finished`` if the keep-alive deleted it while the job in hand ran."""
+    def _note_deleted(self, finished: Finished | None) -> None:
+        """Tell the pool if the keep-alive deleted ``finished`` while the job in hand ran."""
         if finished is not None and self._keepalive.deleted == finished.job_id:
-            self._finished = None
-            self._report_finished(finished, 0)
+            self._pool.deleted_meanwhile(finished)
 
     def _execute_limited(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                          runner: Any, envelope: Envelope) -> str:
@@ -560,7 +386,7 @@ class Worker:
         """
         assert self._forks is not None
         what = f"job {envelope.job} {envelope.method}() of run {envelope.run}"
-        finished = self._pending_delete()
+        finished = self._pool.pending_delete(self._index)
         try:
             with self._watching(client, job, runner, envelope, finished):
                 ended = limits.run_limited(self._forks, client, job, index=self._index,
