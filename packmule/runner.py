@@ -65,6 +65,10 @@ class Context:
     # (batch, job, method, reply), and jobs found not put: see _settle.
     sent: deque[tuple[str, int, str, Sent]] = field(default_factory=deque)
     unput: dict[int, str] = field(default_factory=dict)
+    # The put time of the last single enqueue, in whole milliseconds, and as a body
+    # carries it: formatting a float costs more than the rest of a body.
+    stamp_ms: int = -1
+    stamped: bytes = b""
 
 
 class Runner:
@@ -190,7 +194,11 @@ class Runner:
             UnknownMethod, EncodeError, JobTooBig: nothing was enqueued.
             QueueUnavailable, StoreUnavailable: naming the server.
         """
-        return self._enqueue_many(method, [args])[0]
+        context = self._context
+        if (context is None or context.batches.replayable or type(method) is not str
+                or (type(self), method) not in _JOB_METHODS):  # or the method's first call
+            return self._enqueue_many(method, [args])[0]
+        return self._enqueue_one(context, method, encode_args(method, args))
 
     def enqueue_in(self, seconds: float, method: str, *args: Any) -> JobRef:
         """Run ``self.method(*args)`` as a job no sooner than ``seconds`` from now; its JobRef.
@@ -263,24 +271,31 @@ class Runner:
         A loop of enqueues then costs no round trip per call: the job number
         comes from a block taken ahead (see Batches), and the put's reply is
         read later, with hundreds of others, or before anything can depend on
-        the job (see :func:`_settle`). A refusal found in an earlier put's reply
-        is raised here, before this job is numbered.
+        the job (see :func:`puts.settle`). A refusal found in an earlier put's
+        reply is raised here, before this job is numbered. The run's settings
+        give the tube and time-to-run (those it began with, as its queue).
         """
-        puts.settle(context, wait=False)
+        sent = context.sent
+        if sent and sent[0][3].read:  # replies read since the last call: settle them
+            puts.settle(context, wait=False)
         number, batch = context.batches.reserve(1)
-        queue, tube = context.scope.backends.queue, self.tube_name
+        scope = context.scope
+        settings, queue = scope.backends.settings, scope.backends.queue
+        tube = self.tube or settings.tube
         try:
-            body = self._template(context, batch, method, tube).body(number, args,
-                                                                     stamp(time.time()))
+            cached = context.template  # as _template, without a call for the common case
+            template = cached[1] if cached is not None and cached[0] == (batch, method, tube) \
+                else self._template(context, batch, method, tube)
+            body = template.body(number, args, _stamp(context))
             index = queue.server_for(number)
             puts.check_size(queue, index, method, len(body))
-            sent = queue.send_put(index, tube, body, priority=self._job_priority(number), delay=0,
-                                  ttr=self._ttr())
+            reply = queue.send_put(index, tube, body, priority=puts.job_priority(self.priority, number),
+                                   delay=0, ttr=self.time_to_run or settings.ttr_seconds)
         except BaseException:
             puts.uncount(context, batch, 1)
             raise
-        context.sent.append((batch, number, method, sent))
-        return context.scope.ref(number, batch)
+        sent.append((batch, number, method, reply))
+        return JobRef(number, queue.names[index], scope.run, batch)
 
     def _template(self, context: Context, batch: str, method: str, tube: str,
                   **extra: Any) -> BodyTemplate:
@@ -472,10 +487,16 @@ class Runner:
         return self._context
 
     def _check_method(self, method: str) -> None:
+        """UnknownMethod unless ``method`` names a public job method of this runner's class.
+
+        A method found is noted in _JOB_METHODS: `enqueue` checks it there.
+        """
         target = getattr(type(self), method, None) if isinstance(method, str) else None
         if (not isinstance(method, str) or method.startswith("_") or not callable(target)
                 or (method in _BASE_API and method != "run")):
             raise UnknownMethod(f"{type(self).__name__} has no public job method {method!r}")
+        if type(method) is str and len(_JOB_METHODS) < 10_000:
+            _JOB_METHODS.add((type(self), method))
 
     # Reading ---------------------------------------------------------------------
     def update_progress(self) -> Progress:
@@ -604,6 +625,17 @@ def _checked_key(cls: type,
 
 
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
+# (class, method) found a public job method by _check_method, so `enqueue`, called
+# in a loop, checks a method once.
+_JOB_METHODS: set[tuple[type, str]] = set()
+
+
+def _stamp(context: Context) -> bytes:
+    """Now as a body's ``enqueued`` value (see :func:`envelope.stamp`), formatted once a millisecond."""
+    now_ms = time.time_ns() // 1_000_000
+    if now_ms != context.stamp_ms:
+        context.stamp_ms, context.stamped = now_ms, stamp(now_ms / 1000)
+    return context.stamped
 
 
 def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:

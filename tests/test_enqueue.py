@@ -18,8 +18,8 @@ from runners import Adder, Driven
 import packmule
 from packmule import queue as queue_module
 from packmule.backends import backends
-from packmule.errors import DecodeError
 from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args, stamp
+from packmule.errors import DecodeError
 from packmule.jobref import JobRef
 from packmule.queue import Queue
 from packmule.servers import LocalServers, start_local_servers
