@@ -36,7 +36,7 @@ def job_priority(level: int, number: int) -> int:
     is far ahead catches up with it instead of waiting behind its backlog.
     Costs nothing per job: no state, no extra round trip.
     """
-    return (level << POSITION_BITS) | min(number, _LAST_POSITION)
+    return (level << POSITION_BITS) | (number if number < _LAST_POSITION else _LAST_POSITION)
 
 
 def by_server(queue: Queue, first: int, count: int) -> dict[int, range]:

@@ -65,6 +65,9 @@ class Context:
     # (batch, job, method, reply), and jobs found not put: see _settle.
     sent: deque[tuple[str, int, str, Sent]] = field(default_factory=deque)
     unput: dict[int, str] = field(default_factory=dict)
+    # The method of the last single enqueue: checked (see Runner.enqueue). A loop of
+    # enqueues names it with the same str object every time: `is` recognizes it.
+    single_method: str | None = None
     # The put time of the last single enqueue, in whole milliseconds, and as a body
     # carries it: formatting a float costs more than the rest of a body.
     stamp_ms: int = -1
@@ -195,8 +198,7 @@ class Runner:
             QueueUnavailable, StoreUnavailable: naming the server.
         """
         context = self._context
-        if (context is None or context.batches.replayable or type(method) is not str
-                or (type(self), method) not in _JOB_METHODS):  # or the method's first call
+        if context is None or method is not context.single_method:  # first call, or another's
             return self._enqueue_many(method, [args])[0]
         return self._enqueue_one(context, method, encode_args(method, args))
 
@@ -295,6 +297,7 @@ class Runner:
             puts.uncount(context, batch, 1)
             raise
         sent.append((batch, number, method, reply))
+        context.single_method = method
         return JobRef(number, queue.names[index], scope.run, batch)
 
     def _template(self, context: Context, batch: str, method: str, tube: str,
@@ -489,14 +492,11 @@ class Runner:
     def _check_method(self, method: str) -> None:
         """UnknownMethod unless ``method`` names a public job method of this runner's class.
 
-        A method found is noted in _JOB_METHODS: `enqueue` checks it there.
         """
         target = getattr(type(self), method, None) if isinstance(method, str) else None
         if (not isinstance(method, str) or method.startswith("_") or not callable(target)
                 or (method in _BASE_API and method != "run")):
             raise UnknownMethod(f"{type(self).__name__} has no public job method {method!r}")
-        if type(method) is str and len(_JOB_METHODS) < 10_000:
-            _JOB_METHODS.add((type(self), method))
 
     # Reading ---------------------------------------------------------------------
     def update_progress(self) -> Progress:
@@ -625,9 +625,6 @@ def _checked_key(cls: type,
 
 
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
-# (class, method) found a public job method by _check_method, so `enqueue`, called
-# in a loop, checks a method once.
-_JOB_METHODS: set[tuple[type, str]] = set()
 
 
 def _stamp(context: Context) -> bytes:
