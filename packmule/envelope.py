@@ -27,7 +27,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import (  # type: ignore[attr-defined]
+    c_make_encoder,
+    encode_basestring,
+    encode_basestring_ascii,
+)
 from typing import TYPE_CHECKING, Any
 
 from packmule import markers
@@ -140,7 +144,9 @@ def check_args(method: str, args: tuple[Any, ...] | list[Any]) -> None:
 # A circular reference then ends in RecursionError, and encode_args names it. Holding
 # no per-call state, it is safe to share between threads.
 _ARGS_ENCODER = None if c_make_encoder is None else c_make_encoder(
-    None, _STRICT.default, encode_basestring_ascii, None, ":", ",", False, False, False)
+    None, _STRICT.default, encode_basestring_ascii if _STRICT.ensure_ascii else encode_basestring,
+    None, _STRICT.key_separator, _STRICT.item_separator, _STRICT.sort_keys, _STRICT.skipkeys,
+    _STRICT.allow_nan)
 
 
 def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:

@@ -285,10 +285,7 @@ class Runner:
         settings, queue = scope.backends.settings, scope.backends.queue
         tube = self.tube or settings.tube
         try:
-            cached = context.template  # as _template, without a call for the common case
-            template = cached[1] if cached is not None and cached[0] == (batch, method, tube) \
-                else self._template(context, batch, method, tube)
-            body = template.body(number, args, _stamp(context))
+            body = self._template(context, batch, method, tube).body(number, args, _stamp(context))
             index = queue.server_for(number)
             puts.check_size(queue, index, method, len(body))
             reply = queue.send_put(index, tube, body, priority=puts.job_priority(self.priority, number),
@@ -300,26 +297,27 @@ class Runner:
         context.single_method = method
         return JobRef(number, queue.names[index], scope.run, batch)
 
-    def _template(self, context: Context, batch: str, method: str, tube: str,
-                  **extra: Any) -> BodyTemplate:
-        """What the bodies of one call's jobs share."""
+    def _template(self, context: Context, batch: str, method: str, tube: str) -> BodyTemplate:
+        """What the bodies of one call's jobs share; the last one made is kept for the next call."""
         key = (batch, method, tube)
-        if not extra and context.template is not None and context.template[0] == key:
-            return context.template[1]
+        if context.template is None or context.template[0] != key:
+            context.template = (key, self._new_template(context, batch, method, tube))
+        return context.template[1]
+
+    def _new_template(self, context: Context, batch: str, method: str, tube: str,
+                      **extra: Any) -> BodyTemplate:
+        """What the bodies of one call's jobs share (``extra``: Envelope fields, as ``aggregate``)."""
         # The tube travels with the job: a run's jobs stay in the tube it began in,
         # whatever the worker's own default tube is.
         options = {**self.options, "tube": tube}
-        template = BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
-                                         batch, method, [], options, lease=context.scope.lease,
-                                         **extra), signer=context.scope.backends.signer)
-        if not extra:
-            context.template = (key, template)
-        return template
+        return BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
+                                     batch, method, [], options, lease=context.scope.lease,
+                                     **extra), signer=context.scope.backends.signer)
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
               **extra: Any) -> tuple[int, bytes]:
         """One job's body and the pool index of its server; JobTooBig before anything is put."""
-        template = self._template(context, batch, method, self.tube_name, **extra)
+        template = self._new_template(context, batch, method, self.tube_name, **extra)
         body = template.body(number, encode_args(method, args), stamp(time.time()))
         queue = context.scope.backends.queue
         index = queue.server_for(number)
