@@ -488,9 +488,7 @@ class Runner:
         return self._context
 
     def _check_method(self, method: str) -> None:
-        """UnknownMethod unless ``method`` names a public job method of this runner's class.
-
-        """
+        """UnknownMethod unless ``method`` names a public job method of this runner's class."""
         target = getattr(type(self), method, None) if isinstance(method, str) else None
         if (not isinstance(method, str) or method.startswith("_") or not callable(target)
                 or (method in _BASE_API and method != "run")):
