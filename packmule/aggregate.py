@@ -98,10 +98,10 @@ class Batches:
         self.sizes: dict[str, int] = {}
         self._allocations = 0
         self._diverged = False  # this execution's calls left the recorded ones
-        # Not replayable: job numbers [next, end) taken ahead from the run's
+        # Not replayable: job numbers [_next, _end) taken ahead from the run's
         # sequence and counted in its total, so a loop of enqueues does not
         # pay a round trip each; the rest is uncounted by release().
-        self._block = (0, 0)
+        self._next = self._end = 0
         self._taken = 0  # numbers this context used: the next block's size, up to BLOCK
 
     def reserve(self, count: int, signature: str = "") -> tuple[int, str]:
@@ -110,9 +110,15 @@ class Batches:
         ``signature`` identifies the call (see :func:`call_signature`); a
         recorded allocation is replayed only for the same count and signature.
         """
-        self._allocations += 1
         if not self.replayable:
-            return self._take(count), self._join(count)
+            first, current = self._next, self.current
+            if current is None or first + count > self._end:  # a new block or batch
+                return self._take(count), self._join(count)
+            self._next = first + count  # a loop of single enqueues: numbers taken ahead
+            self._taken += count
+            self.sizes[current] += count
+            return first, current
+        self._allocations += 1
         store = self.scope.backends.store
         key = self.scope.keys.allocation(self.origin, self._allocations)
         if not self._diverged:
@@ -158,12 +164,12 @@ class Batches:
         ``count``, at most BLOCK more), so the total counted ahead never
         exceeds the jobs this context enqueued, nor them plus BLOCK.
         """
-        first, end = self._block
+        first, end = self._next, self._end
         if count > end - first:
             size = max(count, min(BLOCK, self._taken))
             first = allocate(self.scope, size, counted=size - (end - first))
-            end = first + size
-        self._block = (first + count, end)
+            self._end = first + size
+        self._next = first + count
         self._taken += count
         return first
 
@@ -173,10 +179,9 @@ class Batches:
         Called before the context waits or its run ends (a later enqueue
         takes a new block).
         """
-        first, end = self._block
-        if end > first:
-            self.scope.backends.store.decr_quietly(self.scope.keys.total, end - first)
-        self._block = (0, 0)
+        if self._end > self._next:
+            self.scope.backends.store.decr_quietly(self.scope.keys.total, self._end - self._next)
+        self._next = self._end = 0
 
     def _join(self, count: int) -> str:
         if self.current is None:

@@ -27,6 +27,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from json.encoder import (  # type: ignore[attr-defined]
+    c_make_encoder,
+    encode_basestring,
+    encode_basestring_ascii,
+)
 from typing import TYPE_CHECKING, Any
 
 from packmule import markers
@@ -133,6 +138,17 @@ def check_args(method: str, args: tuple[Any, ...] | list[Any]) -> None:
         dumps(arg, what=f"argument {index} of {method}() ({type(arg).__name__})")
 
 
+# _STRICT's C encoder, made once, without the check for circular references: what
+# JSONEncoder.encode does per call around it (a closure, an encoder made with its
+# arguments parsed, a dict) costs three times the encoding of a job's few arguments.
+# A circular reference then ends in RecursionError, and encode_args names it. Holding
+# no per-call state, it is safe to share between threads.
+_ARGS_ENCODER = None if c_make_encoder is None else c_make_encoder(
+    None, _STRICT.default, encode_basestring_ascii if _STRICT.ensure_ascii else encode_basestring,
+    None, _STRICT.key_separator, _STRICT.item_separator, _STRICT.sort_keys, _STRICT.skipkeys,
+    _STRICT.allow_nan)
+
+
 def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
     """``args`` as a JSON array, encoded once: the form a job body carries them in.
 
@@ -140,8 +156,10 @@ def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
         EncodeError: naming the first argument JSON cannot carry, as check_args does.
     """
     try:
-        return _STRICT.encode(args).encode()
-    except (TypeError, ValueError) as err:
+        if _ARGS_ENCODER is None:
+            return _STRICT.encode(args).encode()
+        return "".join(_ARGS_ENCODER(args, 0)).encode()
+    except (TypeError, ValueError, RecursionError) as err:
         check_args(method, args)  # names the argument at fault
         raise EncodeError(f"arguments of {method}() cannot be encoded as JSON: {err}") from err
 

@@ -36,7 +36,7 @@ def job_priority(level: int, number: int) -> int:
     is far ahead catches up with it instead of waiting behind its backlog.
     Costs nothing per job: no state, no extra round trip.
     """
-    return (level << POSITION_BITS) | min(number, _LAST_POSITION)
+    return (level << POSITION_BITS) | (number if number < _LAST_POSITION else _LAST_POSITION)
 
 
 def by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
@@ -66,12 +66,15 @@ def settle(context: Context, *, wait: bool = True) -> None:
     if wait:
         context.scope.backends.queue.catch_up()
     first: tuple[int, str, Exception] | None = None
-    while context.sent and context.sent[0][3].read:  # in the order sent (read so, per server)
-        batch, number, method, sent = context.sent.popleft()
+    pending = context.sent
+    while pending and pending[0][3].read:  # in the order sent (read so, per server)
+        batch, number, method, sent = pending.popleft()
+        if sent.error is None:  # stored (a job not stored always has an error)
+            continue
         if sent.job_id is None:
             uncount(context, batch, 1)
             context.unput[number] = f"{type(sent.error).__name__}: {sent.error}"
-        if sent.error is not None and first is None:
+        if first is None:
             first = number, method, sent.error
     if first is not None:
         raise _naming_job(*first) from first[2]

@@ -41,7 +41,7 @@ _CHUNK_JOBS = 500
 _UNREAD_MAX = 256
 
 
-@dataclass
+@dataclass(slots=True)
 class Sent:
     """A put sent without waiting for beanstalkd's reply (see :meth:`Queue.send_put`).
 
@@ -367,23 +367,41 @@ class Queue:
         Not sent, and raises, only if the put cannot be written: then the
         server is unreachable (QueueUnavailable) and nothing is pending.
         """
-        pending = self._unread.get(index, ())
-        if len(pending) >= _UNREAD_MAX or (pending and self._using.get(index) != tube):
-            self._read_unread(index)  # `use` below reads one reply: the pending ones first
-        try:  # not _session: its generator costs more than the rest of the call
+        pending = self._unread.get(index)
+        if pending is None or len(pending) >= _UNREAD_MAX or self._using.get(index) != tube:
+            pending = self._ready_to_send(index, tube)
+        try:  # not inside naming(): an object and two calls per put, for the rare error
+            self._clients[index]._sock.sendall(b"put %d %d %d %d\r\n%b\r\n"
+                                               % (priority, delay, ttr, len(body), body))
+        except BaseException:  # a put half written, or a connection gone: start afresh
+            self._drop(index)
+            with naming(self.names[index], "put"):
+                raise
+        sent = Sent(len(body))
+        pending.append(sent)
+        return sent
+
+    def _ready_to_send(self, index: int, tube: str) -> list[Sent]:
+        """Connect to server ``index`` and use ``tube`` for :meth:`send_put`; its pending puts.
+
+        Pending replies are read first when there are many, or when ``use``
+        is to be sent (it reads one reply: theirs come before). A server
+        connected has a list of pending puts (empty or not) for as long as
+        its connection lasts.
+        """
+        pending = self._unread.get(index)
+        if pending and (len(pending) >= _UNREAD_MAX or self._using.get(index) != tube):
+            self._read_unread(index)
+        try:
             with naming(self.names[index], "put"):
                 client = self._client(index)
                 if self._using.get(index) != tube:
                     client.use(tube)
                     self._using[index] = tube
-                client._sock.sendall(b"put %d %d %d %d\r\n%b\r\n"
-                                     % (priority, int(delay), int(ttr), len(body), body))
-        except BaseException:  # a put half written, or a connection gone: start afresh
+        except BaseException:
             self._drop(index)
             raise
-        sent = Sent(len(body))
-        self._unread.setdefault(index, []).append(sent)
-        return sent
+        return self._unread.setdefault(index, [])
 
     def catch_up(self) -> None:
         """Read the replies of every put sent without waiting, on every server."""
@@ -395,7 +413,8 @@ class Queue:
 
         A broken connection is dropped: its pending puts are read as failed.
         """
-        pending = self._unread.pop(index)
+        pending = self._unread[index]
+        self._unread[index] = []
         reader = _wire(self._clients[index])[1]
         try:
             with naming(self.names[index], "put"):

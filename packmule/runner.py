@@ -65,6 +65,13 @@ class Context:
     # (batch, job, method, reply), and jobs found not put: see _settle.
     sent: deque[tuple[str, int, str, Sent]] = field(default_factory=deque)
     unput: dict[int, str] = field(default_factory=dict)
+    # The method of the last single enqueue: checked (see Runner.enqueue). A loop of
+    # enqueues names it with the same str object every time: `is` recognizes it.
+    single_method: str | None = None
+    # The put time of the last single enqueue, in whole milliseconds, and as a body
+    # carries it: formatting a float costs more than the rest of a body.
+    stamp_ms: int = -1
+    stamped: bytes = b""
 
 
 class Runner:
@@ -190,7 +197,10 @@ class Runner:
             UnknownMethod, EncodeError, JobTooBig: nothing was enqueued.
             QueueUnavailable, StoreUnavailable: naming the server.
         """
-        return self._enqueue_many(method, [args])[0]
+        context = self._context
+        if context is None or method is not context.single_method:  # first call, or another's
+            return self._enqueue_many(method, [args])[0]
+        return self._enqueue_one(context, method, encode_args(method, args))
 
     def enqueue_in(self, seconds: float, method: str, *args: Any) -> JobRef:
         """Run ``self.method(*args)`` as a job no sooner than ``seconds`` from now; its JobRef.
@@ -263,45 +273,51 @@ class Runner:
         A loop of enqueues then costs no round trip per call: the job number
         comes from a block taken ahead (see Batches), and the put's reply is
         read later, with hundreds of others, or before anything can depend on
-        the job (see :func:`_settle`). A refusal found in an earlier put's reply
-        is raised here, before this job is numbered.
+        the job (see :func:`puts.settle`). A refusal found in an earlier put's
+        reply is raised here, before this job is numbered. The run's settings
+        give the tube and time-to-run (those it began with, as its queue).
         """
-        puts.settle(context, wait=False)
+        sent = context.sent
+        if sent and sent[0][3].read:  # replies read since the last call: settle them
+            puts.settle(context, wait=False)
         number, batch = context.batches.reserve(1)
-        queue, tube = context.scope.backends.queue, self.tube_name
+        scope = context.scope
+        settings, queue = scope.backends.settings, scope.backends.queue
+        tube = self.tube or settings.tube
         try:
-            body = self._template(context, batch, method, tube).body(number, args,
-                                                                     stamp(time.time()))
+            body = self._template(context, batch, method, tube).body(number, args, _stamp(context))
             index = queue.server_for(number)
             puts.check_size(queue, index, method, len(body))
-            sent = queue.send_put(index, tube, body, priority=self._job_priority(number), delay=0,
-                                  ttr=self._ttr())
+            reply = queue.send_put(index, tube, body, priority=puts.job_priority(self.priority, number),
+                                   delay=0, ttr=self.time_to_run or settings.ttr_seconds)
         except BaseException:
             puts.uncount(context, batch, 1)
             raise
-        context.sent.append((batch, number, method, sent))
-        return context.scope.ref(number, batch)
+        sent.append((batch, number, method, reply))
+        context.single_method = method
+        return JobRef(number, queue.names[index], scope.run, batch)
 
-    def _template(self, context: Context, batch: str, method: str, tube: str,
-                  **extra: Any) -> BodyTemplate:
-        """What the bodies of one call's jobs share."""
+    def _template(self, context: Context, batch: str, method: str, tube: str) -> BodyTemplate:
+        """What the bodies of one call's jobs share; the last one made is kept for the next call."""
         key = (batch, method, tube)
-        if not extra and context.template is not None and context.template[0] == key:
-            return context.template[1]
+        if context.template is None or context.template[0] != key:
+            context.template = (key, self._new_template(context, batch, method, tube))
+        return context.template[1]
+
+    def _new_template(self, context: Context, batch: str, method: str, tube: str,
+                      **extra: Any) -> BodyTemplate:
+        """What the bodies of one call's jobs share (``extra``: Envelope fields, as ``aggregate``)."""
         # The tube travels with the job: a run's jobs stay in the tube it began in,
         # whatever the worker's own default tube is.
         options = {**self.options, "tube": tube}
-        template = BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
-                                         batch, method, [], options, lease=context.scope.lease,
-                                         **extra), signer=context.scope.backends.signer)
-        if not extra:
-            context.template = (key, template)
-        return template
+        return BodyTemplate(Envelope(type(self).class_path(), self.name, context.scope.run, 0,
+                                     batch, method, [], options, lease=context.scope.lease,
+                                     **extra), signer=context.scope.backends.signer)
 
     def _body(self, context: Context, number: int, batch: str, method: str, args: list[Any],
               **extra: Any) -> tuple[int, bytes]:
         """One job's body and the pool index of its server; JobTooBig before anything is put."""
-        template = self._template(context, batch, method, self.tube_name, **extra)
+        template = self._new_template(context, batch, method, self.tube_name, **extra)
         body = template.body(number, encode_args(method, args), stamp(time.time()))
         queue = context.scope.backends.queue
         index = queue.server_for(number)
@@ -472,6 +488,7 @@ class Runner:
         return self._context
 
     def _check_method(self, method: str) -> None:
+        """UnknownMethod unless ``method`` names a public job method of this runner's class."""
         target = getattr(type(self), method, None) if isinstance(method, str) else None
         if (not isinstance(method, str) or method.startswith("_") or not callable(target)
                 or (method in _BASE_API and method != "run")):
@@ -604,6 +621,14 @@ def _checked_key(cls: type,
 
 
 _BASE_API = frozenset(name for name in vars(Runner) if not name.startswith("_"))
+
+
+def _stamp(context: Context) -> bytes:
+    """Now as a body's ``enqueued`` value (see :func:`envelope.stamp`), formatted once a millisecond."""
+    now_ms = time.time_ns() // 1_000_000
+    if now_ms != context.stamp_ms:
+        context.stamp_ms, context.stamped = now_ms, stamp(now_ms / 1000)
+    return context.stamped
 
 
 def _ref(runner: Runner, record: RunRecord, number: int) -> JobRef:

@@ -16,6 +16,8 @@ from typing import Any
 
 from packmule.config import Address
 
+_socket = socket.socket  # its methods called directly: super() makes an object per call
+
 
 class TimedSocket(socket.socket):
     """A blocking socket whose sends and receives give up after ``seconds``."""
@@ -40,19 +42,19 @@ class TimedSocket(socket.socket):
 
     def recv(self, *args: Any) -> bytes:
         try:
-            return super().recv(*args)
+            return _socket.recv(self, *args)
         except BlockingIOError as err:
             raise TimeoutError("no reply within the socket timeout") from err
 
     def recv_into(self, *args: Any) -> int:
         try:
-            return super().recv_into(*args)
+            return _socket.recv_into(self, *args)
         except BlockingIOError as err:
             raise TimeoutError("no reply within the socket timeout") from err
 
     def sendall(self, *args: Any) -> None:
         try:
-            super().sendall(*args)
+            _socket.sendall(self, *args)
         except BlockingIOError as err:
             raise TimeoutError("the server took no data within the socket timeout") from err
 

@@ -18,8 +18,8 @@ from runners import Adder, Driven
 import packmule
 from packmule import queue as queue_module
 from packmule.backends import backends
-from packmule.errors import DecodeError
 from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args, stamp
+from packmule.errors import DecodeError
 from packmule.jobref import JobRef
 from packmule.queue import Queue
 from packmule.servers import LocalServers, start_local_servers
@@ -258,3 +258,40 @@ def test_single_enqueues_to_two_tubes_interleave_on_one_connection(
     assert _in_tube(0, tube) + _in_tube(1, tube) == 10
     assert _in_tube(0, other) + _in_tube(1, other) == 10
     assert Driven("outer").update_progress().total == Driven("inner").update_progress().total == 10
+
+
+def test_a_loop_of_enqueue_refuses_a_bad_call_as_its_first_call_would(
+        pool_env: dict[str, str]) -> None:
+    """After a method's first call, a loop's next calls of it take a shorter path: it still
+    refuses what JSON cannot carry or beanstalkd would not take, naming it, counting nothing."""
+    tube = pool_env["PACKMULE_TUBE"]
+
+    def loop(runner: Adder) -> list[int]:
+        refs = [runner.enqueue("echo", [0, 0])]
+        with pytest.raises(packmule.EncodeError, match=r"argument 0 of echo\(\) \(set\)"):
+            runner.enqueue("echo", {1})
+        refs.append(runner.enqueue("echo", [1, 0]))
+        with pytest.raises(packmule.JobTooBig, match=r"job echo\(\) of .* max-job-size 65535"):
+            runner.enqueue("echo", [BIG, 0])
+        refs.append(runner.enqueue("echo", [2, 0]))
+        with pytest.raises(packmule.UnknownMethod, match="'nowhere'"):
+            runner.enqueue("nowhere", 1)
+        refs.append(runner.enqueue("".join(["ec", "ho"]), [3, 0]))  # equal, not the same str
+        refs.append(runner.enqueue("echo", [4, 0]))
+        return [ref.number for ref in refs]
+
+    numbers = Driven("loop-refusals").run(loop)
+    assert Driven("loop-refusals").update_progress().total == 5
+    queue = backends().queue
+    seen = sorted(_drain(queue, 0, tube) + _drain(queue, 1, tube))
+    assert seen == [(number, [[i, 0]]) for i, number in enumerate(numbers)]
+
+
+def test_arguments_encode_as_dumps_does_and_a_circular_one_is_named() -> None:
+    values = [1, -2.5, 'a \u2603\n"', None, True, {"k": [1, {"n": None}], 2: "int key"}, [],
+              packmule.MISSING, 10**30]
+    assert encode_args("echo", values) == encode_args("echo", tuple(values)) == dumps(values)
+    circular: list[object] = []
+    circular.append(circular)
+    with pytest.raises(packmule.EncodeError, match=r"argument 1 of echo\(\) \(list\).*Circular"):
+        encode_args("echo", (1, circular))
