@@ -316,8 +316,11 @@ class Queue:
         for that reason: a second one could store the job twice.
 
         A refused job does not stop its chunk (beanstalkd goes on with the
-        next command): the chunk's replies are all read, then the first
-        refusal is raised and no later chunk is sent.
+        next command). Each chunk is written before the replies of the one
+        before it are read, so the server is never idle waiting for the
+        producer, nor the producer for the server; after a refusal the chunk
+        already written is read too (its jobs counted in ``stored``), then
+        the first refusal is raised and no later chunk is sent.
 
         Raises:
             JobTooBig: the server refused a job's size (Runner checks it first, naming the limit).
@@ -326,34 +329,40 @@ class Queue:
         """
         priorities = itertools.repeat(priority) if isinstance(priority, int) else priority
         tail = b" %d %d " % (int(delay), int(ttr))
-        for chunk, chunk_priorities in _chunks(bodies, priorities):
-            refusal = self._put_chunk(index, tube, tail, chunk, chunk_priorities, stored)
-            if refusal is not None:
-                raise refusal
-
-    def _put_chunk(self, index: int, tube: str, tail: bytes, chunk: Sequence[bytes],
-                   priorities: Sequence[int], stored: list[int]) -> Exception | None:
-        """Send one chunk of puts in one write, read every reply; the first refusal, if any."""
-        payload = b"".join([b"put %d%b%d\r\n%b\r\n" % (pri, tail, len(body), body)
-                            for pri, body in zip(priorities, chunk, strict=True)])
-        refusal: Exception | None = None
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:
                 client.use(tube)
                 self._using[index] = tube
             sock, reader = _wire(client)
+            in_flight: Sequence[bytes] = ()  # the chunk written, its replies not read yet
+            refusal: Exception | None = None
             try:
-                sock.sendall(payload)
-                for body in chunk:
-                    reply = reader.readline()
-                    if reply[:9] == b"INSERTED ":
-                        stored.append(int(reply[9:]))
-                    else:  # called for every refusal: a BURIED one is counted in stored
-                        error = self._refusal(index, len(body), reply, stored)
-                        refusal = refusal or error
+                for chunk, chunk_priorities in _chunks(bodies, priorities):
+                    sock.sendall(b"".join([b"put %d%b%d\r\n%b\r\n" % (pri, tail, len(body), body)
+                                           for pri, body in zip(chunk_priorities, chunk, strict=True)]))
+                    refusal = self._read_puts(index, reader, in_flight, stored)
+                    in_flight = chunk
+                    if refusal is not None:
+                        break
+                last = self._read_puts(index, reader, in_flight, stored)
+                refusal = refusal or last
             except BaseException:
                 self._drop(index)  # replies left unread would answer the next command
                 raise
+        if refusal is not None:
+            raise refusal
+
+    def _read_puts(self, index: int, reader: io.BufferedReader, chunk: Sequence[bytes],
+                   stored: list[int]) -> Exception | None:
+        """Read the replies of a chunk of puts, in order; the first refusal, if any."""
+        refusal: Exception | None = None
+        for body in chunk:
+            reply = reader.readline()
+            if reply[:9] == b"INSERTED ":
+                stored.append(int(reply[9:]))
+            else:  # called for every refusal: a BURIED one is counted in stored
+                error = self._refusal(index, len(body), reply, stored)
+                refusal = refusal or error
         return refusal
 
     def send_put(self, index: int, tube: str, body: bytes, *, priority: int, delay: float,

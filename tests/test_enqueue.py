@@ -96,16 +96,17 @@ def test_put_many_replies_match_bodies_in_order(pool_env: dict[str, str]) -> Non
         client.close()
 
 
-def test_a_refused_put_counts_the_rest_of_its_chunk_and_stops(
+def test_a_refused_put_counts_the_rest_of_its_chunk_and_the_one_in_flight_and_stops(
         pool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     queue, tube = backends().queue, pool_env["PACKMULE_TUBE"]
     monkeypatch.setattr(queue_module, "_CHUNK_BYTES", 1 << 20)  # chunks of 500 jobs
-    bodies = [b"small"] * 5 + [BIG.encode()] + [b"small"] * 604
+    bodies = [b"small"] * 5 + [BIG.encode()] + [b"small"] * 1_104  # chunks: 500, 500, 110
     stored: list[int] = []
     with pytest.raises(packmule.JobTooBig, match=queue.names[0]):
         queue.put_many(0, tube, bodies, priority=10, delay=0, ttr=60, stored=stored)
-    # The first chunk's 499 others were stored, after the refusal too; no later chunk went.
-    assert len(stored) == 499 == _in_tube(0, tube)
+    # The first chunk's 499 others were stored, after the refusal too, and the second
+    # chunk, written before the first one's replies were read; the third never went.
+    assert len(stored) == 999 == _in_tube(0, tube)
     # beanstalkd skipped the refused body: the connection still speaks the protocol.
     assert queue.put(0, tube, b"after", priority=10, delay=0, ttr=60) > stored[-1]
 
