@@ -191,6 +191,11 @@ def _chunks(bodies: Iterable[bytes], priorities: Iterable[int],
         yield chunk, chunk_priorities
 
 
+def jobs_per_chunk(body_size: int) -> int:
+    """How many puts of bodies of at most ``body_size`` bytes make a chunk (see put_chunks)."""
+    return max(1, min(_CHUNK_JOBS, _CHUNK_BYTES // max(body_size, 1)))
+
+
 def connect(address: Address, timeout_seconds: float, *,
             coalesce: bool = False) -> greenstalk.Client[bytes]:
     """A greenstalk client with a socket timeout, so a dead server cannot hang us.
@@ -305,7 +310,19 @@ class Queue:
 
         ``priority`` is one for all, or one per body (see ``puts.job_priority``).
         Both may be lazy: a chunk's bodies are taken as it is sent, so a
-        million jobs never need to be in memory at once.
+        million jobs never need to be in memory at once. See :meth:`put_chunks`.
+        """
+        priorities = itertools.repeat(priority) if isinstance(priority, int) else priority
+        self.put_chunks(index, tube, _chunks(bodies, priorities), delay=delay, ttr=ttr,
+                        stored=stored)
+
+    def put_chunks(self, index: int, tube: str,
+                   chunks: Iterable[tuple[Sequence[bytes], Sequence[int]]], *, delay: float,
+                   ttr: float, stored: list[int]) -> None:
+        """Put each chunk's bodies, with their priorities, on server ``index`` in order.
+
+        ``chunks`` may be lazy: each is taken as it is sent. One made by the
+        caller costs no Python call per job (see ``jobs_per_chunk`` for its size).
 
         A put per round trip costs a send, a wait and a receive per job; here a
         chunk of up to hundreds of puts goes out in one ``sendall`` and its
@@ -327,7 +344,6 @@ class Queue:
             ServerRefused: the server refused a job (out of memory, a bad command).
             QueueUnavailable: the server is unreachable, or draining.
         """
-        priorities = itertools.repeat(priority) if isinstance(priority, int) else priority
         tail = b" %d %d " % (int(delay), int(ttr))
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:
@@ -337,9 +353,10 @@ class Queue:
             in_flight: Sequence[bytes] = ()  # the chunk written, its replies not read yet
             refusal: Exception | None = None
             try:
-                for chunk, chunk_priorities in _chunks(bodies, priorities):
-                    sock.sendall(b"".join([b"put %d%b%d\r\n%b\r\n" % (pri, tail, len(body), body)
-                                           for pri, body in zip(chunk_priorities, chunk, strict=True)]))
+                for chunk, priorities in chunks:
+                    sock.sendall(b"".join([b"put %d%b%d\r\n%b\r\n" % (priority, tail, size, body)
+                                           for priority, size, body
+                                           in zip(priorities, map(len, chunk), chunk, strict=True)]))
                     refusal = self._read_puts(index, reader, in_flight, stored)
                     in_flight = chunk
                     if refusal is not None:
@@ -354,10 +371,29 @@ class Queue:
 
     def _read_puts(self, index: int, reader: io.BufferedReader, chunk: Sequence[bytes],
                    stored: list[int]) -> Exception | None:
-        """Read the replies of a chunk of puts, in order; the first refusal, if any."""
+        """Read the replies of a chunk of puts, in order; the first refusal, if any.
+
+        The replies are read with no Python call per job, and when all say
+        ``INSERTED`` (the rule) their ids are taken in one go. Replies read
+        before an error reading the next are still taken.
+        """
+        replies: list[bytes] = []
+        try:  # extend keeps what it took before an error
+            replies.extend(itertools.islice(iter(reader.readline, None), len(chunk)))
+        except BaseException:
+            self._take_replies(index, replies, chunk, stored)
+            raise
+        return self._take_replies(index, replies, chunk, stored)
+
+    def _take_replies(self, index: int, replies: list[bytes], chunk: Sequence[bytes],
+                      stored: list[int]) -> Exception | None:
+        """Put replies (to the first bodies of ``chunk``) into ``stored``; the first refusal."""
+        words = b"".join(replies).split()
+        if len(words) == 2 * len(replies) and words[::2].count(b"INSERTED") == len(replies):
+            stored.extend(map(int, words[1::2]))
+            return None
         refusal: Exception | None = None
-        for body in chunk:
-            reply = reader.readline()
+        for reply, body in zip(replies, chunk, strict=False):
             if reply[:9] == b"INSERTED ":
                 stored.append(int(reply[9:]))
             else:  # called for every refusal: a BURIED one is counted in stored

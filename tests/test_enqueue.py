@@ -18,7 +18,16 @@ from runners import Adder, Driven
 import packmule
 from packmule import queue as queue_module
 from packmule.backends import backends
-from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args, stamp
+from packmule.envelope import (
+    FORMAT,
+    BodyTemplate,
+    Envelope,
+    decode,
+    dumps,
+    encode_args,
+    encode_each,
+    stamp,
+)
 from packmule.errors import DecodeError
 from packmule.jobref import JobRef
 from packmule.queue import Queue
@@ -65,6 +74,38 @@ def test_template_bodies_are_the_head_then_the_jobs_line() -> None:
     second = decode(template.body(8, b'["x"]', stamp(2.0)))
     assert (second.job, second.args, second.enqueued) == (8, ["x"], 2.0)
     assert second.head is decode(body).head is not None
+
+
+ITEMS = [0, -7, 2**70, True, None, 1.5, "", "doc-\u00e9\u2603\n\"", [1, [2]], {"k": "v"},
+         packmule.MISSING, (3, 4)]
+
+
+@pytest.mark.parametrize("extra", [(), (1,), ("a", [None], {"b": 2.5})])
+@pytest.mark.parametrize("items", [range(5_000), [f"id-{i}" for i in range(50)], ITEMS,
+                                   [True, 1], [10**5000]],
+                         ids=["ints", "strs", "mixed", "bool-int", "too-long-int"])
+def test_encode_each_is_encode_args_of_each_job(items: list[object], extra: tuple[object, ...]) -> None:
+    if items == [10**5000]:  # past int's digit limit: refused as encode_args refuses it
+        with pytest.raises(packmule.EncodeError, match=r"argument 0 of echo\(\) \(int\)"):
+            encode_each("echo", items, extra)
+        return
+    assert encode_each("echo", iter(items), extra) == [encode_args("echo", (item, *extra))
+                                                       for item in items]
+
+
+def test_encode_each_names_the_argument_at_fault_and_lets_the_items_errors_pass() -> None:
+    with pytest.raises(packmule.EncodeError, match=r"argument 0 of echo\(\) \(set\)"):
+        encode_each("echo", [*range(5_000), {1}])
+    with pytest.raises(packmule.EncodeError, match=r"argument 2 of echo\(\) \(object\)"):
+        encode_each("echo", [1], (2, object()))
+    assert encode_each("echo", [], (object(),)) == []  # no job: nothing to encode
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("the items' own error")
+
+    with pytest.raises(ValueError, match="the items' own error"):
+        encode_each("echo", failing())
 
 
 def test_bodies_of_format_1_still_decode() -> None:
