@@ -191,6 +191,17 @@ def _chunks(bodies: Iterable[bytes], priorities: Iterable[int],
         yield chunk, chunk_priorities
 
 
+def _put_commands(tail: bytes, bodies: Sequence[bytes], priorities: Sequence[int]) -> bytes:
+    """The ``put`` commands of ``bodies`` (``tail``: `` <delay> <ttr> ``), for one write.
+
+    One formatting of the whole chunk, its values interleaved by C iterators:
+    no Python step per job.
+    """
+    values = tuple(itertools.chain.from_iterable(zip(priorities, map(len, bodies), bodies,
+                                                     strict=True)))
+    return (b"put %d" + tail + b"%d\r\n%b\r\n") * len(bodies) % values
+
+
 def jobs_per_chunk(body_size: int) -> int:
     """How many puts of bodies of at most ``body_size`` bytes make a chunk (see put_chunks)."""
     return max(1, min(_CHUNK_JOBS, _CHUNK_BYTES // max(body_size, 1)))
@@ -354,9 +365,7 @@ class Queue:
             refusal: Exception | None = None
             try:
                 for chunk, priorities in chunks:
-                    sock.sendall(b"".join([b"put %d%b%d\r\n%b\r\n" % (priority, tail, size, body)
-                                           for priority, size, body
-                                           in zip(priorities, map(len, chunk), chunk, strict=True)]))
+                    sock.sendall(_put_commands(tail, chunk, priorities))
                     refusal = self._read_puts(index, reader, in_flight, stored)
                     in_flight = chunk
                     if refusal is not None:
