@@ -16,6 +16,7 @@ from conftest import Workers, isolated_settings
 from runners import Adder, Driven
 
 import packmule
+from packmule import puts
 from packmule import queue as queue_module
 from packmule.backends import backends
 from packmule.envelope import (
@@ -150,6 +151,22 @@ def test_a_refused_put_counts_the_rest_of_its_chunk_and_the_one_in_flight_and_st
     assert len(stored) == 999 == _in_tube(0, tube)
     # beanstalkd skipped the refused body: the connection still speaks the protocol.
     assert queue.put(0, tube, b"after", priority=10, delay=0, ttr=60) > stored[-1]
+
+
+def test_a_batch_is_size_checked_exactly_though_from_its_longest_arguments(
+        pool_env: dict[str, str]) -> None:
+    """The longest arguments (job 9's) with the longest number (10) would be one byte over:
+    each job is then sized, and the batch passes if none is really over the limit."""
+    queue, enqueued = backends().queue, stamp(1.0)
+    template = BodyTemplate(Envelope("mod:Cls", "n", "r", 0, "b", "echo"))
+    limit = queue.max_job_size(0)
+    fitting = b"x" * (limit - template.size(9, b"", enqueued))
+    assert template.size(9, fitting, enqueued) == limit
+    assert puts.check_sizes(queue, 0, "echo", template, range(9, 11), [fitting, b"[1]"],
+                            enqueued) == limit + 1
+    with pytest.raises(packmule.JobTooBig, match=f"of {limit + 1} bytes exceeds max-job-size {limit} "):
+        puts.check_sizes(queue, 0, "echo", template, range(9, 11), [fitting + b"x", b"[1]"],
+                         enqueued)
 
 
 def test_enqueue_each_across_the_pool_keeps_order(pool_env: dict[str, str]) -> None:
