@@ -24,8 +24,10 @@ infinities are refused because JSON has no spelling for them and a silent
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from json.encoder import (  # type: ignore[attr-defined]
     c_make_encoder,
@@ -143,8 +145,9 @@ def check_args(method: str, args: tuple[Any, ...] | list[Any]) -> None:
 # arguments parsed, a dict) costs three times the encoding of a job's few arguments.
 # A circular reference then ends in RecursionError, and encode_args names it. Holding
 # no per-call state, it is safe to share between threads.
+_ESCAPE = encode_basestring_ascii if _STRICT.ensure_ascii else encode_basestring  # a str's JSON
 _ARGS_ENCODER = None if c_make_encoder is None else c_make_encoder(
-    None, _STRICT.default, encode_basestring_ascii if _STRICT.ensure_ascii else encode_basestring,
+    None, _STRICT.default, _ESCAPE,
     None, _STRICT.key_separator, _STRICT.item_separator, _STRICT.sort_keys, _STRICT.skipkeys,
     _STRICT.allow_nan)
 
@@ -162,6 +165,55 @@ def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
     except (TypeError, ValueError, RecursionError) as err:
         check_args(method, args)  # names the argument at fault
         raise EncodeError(f"arguments of {method}() cannot be encoded as JSON: {err}") from err
+
+
+def encode_each(method: str, items: Iterable[Any], extra: tuple[Any, ...] = ()) -> list[bytes]:
+    """``encode_args(method, (item, *extra))`` of each item, in order: an enqueue_each's jobs.
+
+    For the few arguments of a job, a call costs more than the encoding: the
+    arguments all jobs share (``extra``) are encoded once, and each item on
+    its own, in comprehensions over blocks of items; an item that is exactly
+    an int or a str (the usual fan-out over ids) costs no encoder call. The
+    bytes are those of ``encode_args``: a JSON array joins its items with a
+    comma.
+
+    Raises:
+        EncodeError: as encode_args, for the first item whose arguments JSON
+            cannot carry. An error raised by ``items`` itself passes unchanged.
+    """
+    try:
+        tail = encode_args(method, extra)[1:]  # b"]", or the shared arguments and b"]"
+    except EncodeError:  # no fast path: each job's own encoding names the argument
+        return [encode_args(method, (item, *extra)) for item in items]
+    tail = tail if tail == b"]" else b"," + tail
+    encoded: list[bytes] = []
+    remaining = iter(items)
+    while block := list(itertools.islice(remaining, _ENCODE_BLOCK)):
+        encoded += _encode_block(method, block, extra, tail)
+    return encoded
+
+
+# Items encoded per comprehension by encode_each: few enough to hold at once.
+_ENCODE_BLOCK = 4096
+
+
+def _encode_block(method: str, block: list[Any], extra: tuple[Any, ...], tail: bytes) -> list[bytes]:
+    """The arguments of the jobs of ``block``'s items (see encode_each)."""
+    kinds = set(map(type, block))
+    try:
+        if kinds == {int}:  # not bool, nor an int subclass with its own str()
+            return [b"[%d%b" % (item, tail) for item in block]
+        if kinds == {str}:
+            return [b"[%b%b" % (_ESCAPE(item).encode(), tail) for item in block]
+        if _ARGS_ENCODER is not None:
+            join, encoder = "".join, _ARGS_ENCODER
+            return [b"[%b%b" % (join(encoder(item, 0)).encode(), tail) for item in block]
+    except (TypeError, ValueError, RecursionError):
+        pass  # one job's arguments cannot be encoded: each job's own encoding names them
+    return [encode_args(method, (item, *extra)) for item in block]
+
+
+_BODY = b"%b%d %b %b"  # head (with its newline), number, enqueued, arguments
 
 
 class BodyTemplate:
@@ -198,8 +250,15 @@ class BodyTemplate:
         ``enqueued`` is the put's time from :func:`stamp` (one per call, as a
         template serves many calls); by default the template envelope's.
         """
-        body = b"%b%d %b %b" % (self._head, number, enqueued or self._enqueued, args)
+        body = _BODY % (self._head, number, enqueued or self._enqueued, args)
         return body if self._signer is None else self._signer.sign(body)
+
+    def bodies(self, numbers: Iterable[int], args: Iterable[bytes], enqueued: bytes) -> list[bytes]:
+        """``[self.body(n, a, enqueued) for n, a in zip(numbers, args)]``, without a call per body."""
+        head = self._head
+        bodies = [_BODY % (head, number, enqueued, job_args)
+                  for number, job_args in zip(numbers, args, strict=True)]
+        return bodies if self._signer is None else [self._signer.sign(body) for body in bodies]
 
     def size(self, number: int, args: bytes, enqueued: bytes = b"") -> int:
         """``len(self.body(number, args, enqueued))``, without building (or signing) the body."""

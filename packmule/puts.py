@@ -10,12 +10,17 @@ uncounted) before anything can depend on them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from packmule.errors import JobTooBig, ServerError, ServerRefused
-from packmule.queue import Queue
+from packmule.jobref import JobRef
+from packmule.queue import Queue, jobs_per_chunk
 
 if TYPE_CHECKING:
+    from packmule.aggregate import RunScope
+    from packmule.envelope import BodyTemplate
     from packmule.runner import Context
 
 # A job's beanstalkd priority (32 bits, lower first) is its runner's level
@@ -37,6 +42,14 @@ def job_priority(level: int, number: int) -> int:
     Costs nothing per job: no state, no extra round trip.
     """
     return (level << POSITION_BITS) | (number if number < _LAST_POSITION else _LAST_POSITION)
+
+
+def priorities(level: int, numbers: range) -> Sequence[int]:
+    """``[job_priority(level, n) for n in numbers]``, a range when it can be: no call per job."""
+    if not numbers or numbers[-1] < _LAST_POSITION:
+        base = level << POSITION_BITS
+        return range(base + numbers.start, base + numbers.stop, numbers.step)
+    return [job_priority(level, number) for number in numbers]
 
 
 def by_server(queue: Queue, first: int, count: int) -> dict[int, range]:
@@ -105,3 +118,59 @@ def check_size(queue: Queue, index: int, method: str, size: int) -> None:
     if size > limit:
         raise JobTooBig(f"job {method}() of {size} bytes exceeds max-job-size {limit} "
                         f"of {queue.names[index]}")
+
+
+def check_sizes(queue: Queue, index: int, method: str, template: BodyTemplate, numbers: range,
+                args: Sequence[bytes], enqueued: bytes) -> int:
+    """JobTooBig, as check_size, if a body of job ``numbers[i]`` with ``args[i]`` is over
+    server ``index``'s limit; else a size none of them exceeds.
+
+    The longest arguments with the longest number bound every body at no
+    Python call per job; only when that bound is over the limit is each job
+    sized, so that a refusal names the size of a real body, and a batch that
+    fits exactly is not refused.
+    """
+    bound = template.size(numbers[-1], max(args, key=len), enqueued)
+    if bound > queue.max_job_size(index):
+        check_size(queue, index, method, max(map(template.size, numbers, args, repeat(enqueued))))
+    return bound
+
+
+def put_each(queue: Queue, tube: str, template: BodyTemplate, method: str, first: int,
+             encoded: list[bytes], *, level: int, enqueued: bytes, delay: int, ttr: float,
+             stored: list[int]) -> None:
+    """Put jobs ``first``... with the ``encoded`` arguments, in order per server.
+
+    Every job is size-checked on its server before the first is put; then
+    each server's jobs are pipelined, their bodies built a chunk at a time
+    as they are sent (a million jobs never have their bodies in memory at
+    once). Each stored job's id is appended to ``stored`` (see Queue.put_chunks).
+    """
+    servers = by_server(queue, first, len(encoded))
+    args = {index: encoded if len(numbers) == len(encoded)
+            else encoded[numbers.start - first::numbers.step] for index, numbers in servers.items()}
+    bounds = {index: check_sizes(queue, index, method, template, numbers, args[index], enqueued)
+              for index, numbers in servers.items()}
+    for index, numbers in servers.items():
+        chunks = _chunks(template, numbers, args[index], enqueued, level=level,
+                         size=jobs_per_chunk(bounds[index]))
+        queue.put_chunks(index, tube, chunks, delay=delay, ttr=ttr, stored=stored)
+
+
+def _chunks(template: BodyTemplate, numbers: range, args: Sequence[bytes], enqueued: bytes, *,
+            level: int, size: int) -> Iterator[tuple[list[bytes], Sequence[int]]]:
+    """The bodies and priorities of jobs ``numbers`` (with ``args``), ``size`` at a time."""
+    for start in range(0, len(numbers), size):
+        chunk = numbers[start:start + size]
+        yield template.bodies(chunk, args[start:start + size], enqueued), priorities(level, chunk)
+
+
+def refs(scope: RunScope, first: int, count: int, batch: str) -> list[JobRef]:
+    """The JobRefs of jobs ``first``... ``first + count - 1`` of ``batch``, in order."""
+    queue, run = scope.backends.queue, scope.run
+    if len(queue.names) == 1:
+        server = queue.names[0]
+        return [JobRef(number, server, run, batch) for number in range(first, first + count)]
+    names = queue.names
+    return [JobRef(number, names[queue.server_for(number)], run, batch)
+            for number in range(first, first + count)]

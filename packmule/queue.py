@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import select
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -191,6 +192,50 @@ def _chunks(bodies: Iterable[bytes], priorities: Iterable[int],
         yield chunk, chunk_priorities
 
 
+def _put_commands(tail: bytes, bodies: Sequence[bytes], priorities: Sequence[int]) -> bytes:
+    """The ``put`` commands of ``bodies`` (``tail``: `` <delay> <ttr> ``), for one write.
+
+    One formatting of the whole chunk, its values interleaved by C iterators:
+    no Python step per job.
+    """
+    values = tuple(itertools.chain.from_iterable(zip(priorities, map(len, bodies), bodies,
+                                                     strict=True)))
+    return (b"put %d" + tail + b"%d\r\n%b\r\n") * len(bodies) % values
+
+
+# The shortest reply to a put (``BURIED 1``, ``DRAINING``, with their CRLF).
+_SHORTEST_REPLY = 10
+
+
+def _await_replies(sock: socket.socket, reader: io.BufferedReader, count: int,
+                   timeout: float) -> None:
+    """Wait until the replies to ``count`` puts are (about) all there, in one wake-up.
+
+    beanstalkd answers each put with a write of its own: read as they come,
+    a producer faster than beanstalkd wakes up for every reply or two. The
+    kernel's low-water mark makes one poll wait for as many bytes as the
+    shortest replies would take. Only ever a lower bound: it cannot wait
+    for bytes that will not come (a short reply, the connection closing:
+    poll wakes up on either end).
+    """
+    have = len(reader.peek(1))  # what is buffered already (one read if nothing is)
+    need = min(_SHORTEST_REPLY * count - have, 1 << 15)
+    if need <= _SHORTEST_REPLY * 2:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.poll(timeout * 1000)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def jobs_per_chunk(body_size: int) -> int:
+    """How many puts of bodies of at most ``body_size`` bytes make a chunk (see put_chunks)."""
+    return max(1, min(_CHUNK_JOBS, _CHUNK_BYTES // max(body_size, 1)))
+
+
 def connect(address: Address, timeout_seconds: float, *,
             coalesce: bool = False) -> greenstalk.Client[bytes]:
     """A greenstalk client with a socket timeout, so a dead server cannot hang us.
@@ -305,7 +350,19 @@ class Queue:
 
         ``priority`` is one for all, or one per body (see ``puts.job_priority``).
         Both may be lazy: a chunk's bodies are taken as it is sent, so a
-        million jobs never need to be in memory at once.
+        million jobs never need to be in memory at once. See :meth:`put_chunks`.
+        """
+        priorities = itertools.repeat(priority) if isinstance(priority, int) else priority
+        self.put_chunks(index, tube, _chunks(bodies, priorities), delay=delay, ttr=ttr,
+                        stored=stored)
+
+    def put_chunks(self, index: int, tube: str,
+                   chunks: Iterable[tuple[Sequence[bytes], Sequence[int]]], *, delay: float,
+                   ttr: float, stored: list[int]) -> None:
+        """Put each chunk's bodies, with their priorities, on server ``index`` in order.
+
+        ``chunks`` may be lazy: each is taken as it is sent. One made by the
+        caller costs no Python call per job (see ``jobs_per_chunk`` for its size).
 
         A put per round trip costs a send, a wait and a receive per job; here a
         chunk of up to hundreds of puts goes out in one ``sendall`` and its
@@ -327,7 +384,6 @@ class Queue:
             ServerRefused: the server refused a job (out of memory, a bad command).
             QueueUnavailable: the server is unreachable, or draining.
         """
-        priorities = itertools.repeat(priority) if isinstance(priority, int) else priority
         tail = b" %d %d " % (int(delay), int(ttr))
         with self._session(index, "put") as client:
             if self._using.get(index) != tube:
@@ -337,14 +393,13 @@ class Queue:
             in_flight: Sequence[bytes] = ()  # the chunk written, its replies not read yet
             refusal: Exception | None = None
             try:
-                for chunk, chunk_priorities in _chunks(bodies, priorities):
-                    sock.sendall(b"".join([b"put %d%b%d\r\n%b\r\n" % (pri, tail, len(body), body)
-                                           for pri, body in zip(chunk_priorities, chunk, strict=True)]))
-                    refusal = self._read_puts(index, reader, in_flight, stored)
+                for chunk, priorities in chunks:
+                    sock.sendall(_put_commands(tail, chunk, priorities))
+                    refusal = self._read_puts(index, sock, reader, in_flight, stored)
                     in_flight = chunk
                     if refusal is not None:
                         break
-                last = self._read_puts(index, reader, in_flight, stored)
+                last = self._read_puts(index, sock, reader, in_flight, stored)
                 refusal = refusal or last
             except BaseException:
                 self._drop(index)  # replies left unread would answer the next command
@@ -352,12 +407,33 @@ class Queue:
         if refusal is not None:
             raise refusal
 
-    def _read_puts(self, index: int, reader: io.BufferedReader, chunk: Sequence[bytes],
-                   stored: list[int]) -> Exception | None:
-        """Read the replies of a chunk of puts, in order; the first refusal, if any."""
+    def _read_puts(self, index: int, sock: socket.socket, reader: io.BufferedReader,
+                   chunk: Sequence[bytes], stored: list[int]) -> Exception | None:
+        """Read the replies of a chunk of puts, in order; the first refusal, if any.
+
+        The replies are read with no Python call per job, and when all say
+        ``INSERTED`` (the rule) their ids are taken in one go. Replies read
+        before an error reading the next are still taken.
+        """
+        replies: list[bytes] = []
+        if chunk:
+            _await_replies(sock, reader, len(chunk), self._timeout)
+        try:  # extend keeps what it took before an error
+            replies.extend(itertools.islice(iter(reader.readline, None), len(chunk)))
+        except BaseException:
+            self._take_replies(index, replies, chunk, stored)
+            raise
+        return self._take_replies(index, replies, chunk, stored)
+
+    def _take_replies(self, index: int, replies: list[bytes], chunk: Sequence[bytes],
+                      stored: list[int]) -> Exception | None:
+        """Put replies (to the first bodies of ``chunk``) into ``stored``; the first refusal."""
+        words = b"".join(replies).split()
+        if len(words) == 2 * len(replies) and words[::2].count(b"INSERTED") == len(replies):
+            stored.extend(map(int, words[1::2]))
+            return None
         refusal: Exception | None = None
-        for body in chunk:
-            reply = reader.readline()
+        for reply, body in zip(replies, chunk, strict=False):
             if reply[:9] == b"INSERTED ":
                 stored.append(int(reply[9:]))
             else:  # called for every refusal: a BURIED one is counted in stored

@@ -25,7 +25,15 @@ from packmule import aggregate, leftovers, markers, puts, resume, runs, waiting
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
-from packmule.envelope import BodyTemplate, Envelope, check_args, dumps, encode_args, stamp
+from packmule.envelope import (
+    BodyTemplate,
+    Envelope,
+    check_args,
+    dumps,
+    encode_args,
+    encode_each,
+    stamp,
+)
 from packmule.errors import (
     ConfigurationError,
     EnqueueError,
@@ -199,7 +207,8 @@ class Runner:
         """
         context = self._context
         if context is None or method is not context.single_method:  # first call, or another's
-            return self._enqueue_many(method, [args])[0]
+            self._check_method(method)
+            return self._enqueue_many(method, [encode_args(method, args)])[0]
         return self._enqueue_one(context, method, encode_args(method, args))
 
     def enqueue_in(self, seconds: float, method: str, *args: Any) -> JobRef:
@@ -218,7 +227,8 @@ class Runner:
                 or not 0 <= seconds < PARK_SECONDS:
             raise EnqueueError(f"enqueue_in({seconds!r}, {method!r}): the delay is not a number "
                                f"of seconds in 0..{PARK_SECONDS - 1}")
-        return self._enqueue_many(method, [args], delay=math.ceil(seconds))[0]
+        self._check_method(method)
+        return self._enqueue_many(method, [encode_args(method, args)], delay=math.ceil(seconds))[0]
 
     def enqueue_each(self, method: str, items: Iterable[Any], *args: Any) -> list[JobRef]:
         """One job ``self.method(item, *args)`` per item, counted as one batch.
@@ -226,13 +236,13 @@ class Runner:
         Every job is encoded and checked before the first is put, and the whole
         batch is counted before the first can finish, so progress never goes back.
         """
-        return self._enqueue_many(method, ((item, *args) for item in items))
+        self._check_method(method)
+        return self._enqueue_many(method, encode_each(method, items, args))
 
-    def _enqueue_many(self, method: str, arg_lists: Iterable[tuple[Any, ...]], *,
-                      delay: int = 0) -> list[JobRef]:
-        """Encode, count, size-check and put these jobs; their JobRefs in input order.
+    def _enqueue_many(self, method: str, encoded: list[bytes], *, delay: int = 0) -> list[JobRef]:
+        """Count, size-check and put jobs with these encoded arguments; their JobRefs in order.
 
-        Each job's arguments are encoded once, before anything is counted (a
+        Each job's arguments were encoded once, before anything is counted (a
         bad value is refused with nothing to undo); the rest of the body is
         shared by the call. Every job is checked against its server's
         max-job-size before the first put, and the puts are pipelined per
@@ -240,8 +250,6 @@ class Runner:
         are kept for the whole call: bodies are built a chunk at a time as
         they are sent, so a million jobs take tens of MB, not hundreds.
         """
-        self._check_method(method)
-        encoded = [encode_args(method, args) for args in arg_lists]
         context = self._current_context()
         if not encoded:
             return []
@@ -252,20 +260,12 @@ class Runner:
         queue, tube = context.scope.backends.queue, self.tube_name
         stored: list[int] = []
         try:
-            template = self._template(context, batch, method, tube)
-            servers, enqueued = puts.by_server(queue, first, len(encoded)), stamp(time.time())
-            for index, numbers in servers.items():
-                puts.check_size(queue, index, method,
-                            max(template.size(n, encoded[n - first], enqueued) for n in numbers))
-            ttr = self._ttr()
-            for index, numbers in servers.items():
-                queue.put_many(index, tube, (template.body(n, encoded[n - first], enqueued)
-                                             for n in numbers),
-                               priority=(puts.job_priority(self.priority, n) for n in numbers),
-                               delay=delay, ttr=ttr, stored=stored)
+            puts.put_each(queue, tube, self._template(context, batch, method, tube), method, first,
+                          encoded, level=self.priority, enqueued=stamp(time.time()), delay=delay,
+                          ttr=self._ttr(), stored=stored)
         finally:
             puts.uncount(context, batch, len(encoded) - len(stored))
-        return [context.scope.ref(number, batch) for number in range(first, first + len(encoded))]
+        return puts.refs(context.scope, first, len(encoded), batch)
 
     def _enqueue_one(self, context: Context, method: str, args: bytes) -> JobRef:
         """A caller's single enqueue, put without waiting for beanstalkd's reply.

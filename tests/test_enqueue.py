@@ -16,9 +16,19 @@ from conftest import Workers, isolated_settings
 from runners import Adder, Driven
 
 import packmule
+from packmule import puts
 from packmule import queue as queue_module
 from packmule.backends import backends
-from packmule.envelope import FORMAT, BodyTemplate, Envelope, decode, dumps, encode_args, stamp
+from packmule.envelope import (
+    FORMAT,
+    BodyTemplate,
+    Envelope,
+    decode,
+    dumps,
+    encode_args,
+    encode_each,
+    stamp,
+)
 from packmule.errors import DecodeError
 from packmule.jobref import JobRef
 from packmule.queue import Queue
@@ -67,6 +77,38 @@ def test_template_bodies_are_the_head_then_the_jobs_line() -> None:
     assert second.head is decode(body).head is not None
 
 
+ITEMS = [0, -7, 2**70, True, None, 1.5, "", "doc-\u00e9\u2603\n\"", [1, [2]], {"k": "v"},
+         packmule.MISSING, (3, 4)]
+
+
+@pytest.mark.parametrize("extra", [(), (1,), ("a", [None], {"b": 2.5})])
+@pytest.mark.parametrize("items", [range(5_000), [f"id-{i}" for i in range(50)], ITEMS,
+                                   [True, 1], [10**5000]],
+                         ids=["ints", "strs", "mixed", "bool-int", "too-long-int"])
+def test_encode_each_is_encode_args_of_each_job(items: list[object], extra: tuple[object, ...]) -> None:
+    if items == [10**5000]:  # past int's digit limit: refused as encode_args refuses it
+        with pytest.raises(packmule.EncodeError, match=r"argument 0 of echo\(\) \(int\)"):
+            encode_each("echo", items, extra)
+        return
+    assert encode_each("echo", iter(items), extra) == [encode_args("echo", (item, *extra))
+                                                       for item in items]
+
+
+def test_encode_each_names_the_argument_at_fault_and_lets_the_items_errors_pass() -> None:
+    with pytest.raises(packmule.EncodeError, match=r"argument 0 of echo\(\) \(set\)"):
+        encode_each("echo", [*range(5_000), {1}])
+    with pytest.raises(packmule.EncodeError, match=r"argument 2 of echo\(\) \(object\)"):
+        encode_each("echo", [1], (2, object()))
+    assert encode_each("echo", [], (object(),)) == []  # no job: nothing to encode
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("the items' own error")
+
+    with pytest.raises(ValueError, match="the items' own error"):
+        encode_each("echo", failing())
+
+
 def test_bodies_of_format_1_still_decode() -> None:
     """Jobs put by an older packmule, still in beanstalkd, are run by a newer worker."""
     old = (b'{"packmule":1,"runner":"mod:Cls","name":"n","run":"r","job":3,"batch":"b",'
@@ -109,6 +151,22 @@ def test_a_refused_put_counts_the_rest_of_its_chunk_and_the_one_in_flight_and_st
     assert len(stored) == 999 == _in_tube(0, tube)
     # beanstalkd skipped the refused body: the connection still speaks the protocol.
     assert queue.put(0, tube, b"after", priority=10, delay=0, ttr=60) > stored[-1]
+
+
+def test_a_batch_is_size_checked_exactly_though_from_its_longest_arguments(
+        pool_env: dict[str, str]) -> None:
+    """The longest arguments (job 9's) with the longest number (10) would be one byte over:
+    each job is then sized, and the batch passes if none is really over the limit."""
+    queue, enqueued = backends().queue, stamp(1.0)
+    template = BodyTemplate(Envelope("mod:Cls", "n", "r", 0, "b", "echo"))
+    limit = queue.max_job_size(0)
+    fitting = b"x" * (limit - template.size(9, b"", enqueued))
+    assert template.size(9, fitting, enqueued) == limit
+    assert puts.check_sizes(queue, 0, "echo", template, range(9, 11), [fitting, b"[1]"],
+                            enqueued) == limit + 1
+    with pytest.raises(packmule.JobTooBig, match=f"of {limit + 1} bytes exceeds max-job-size {limit} "):
+        puts.check_sizes(queue, 0, "echo", template, range(9, 11), [fitting + b"x", b"[1]"],
+                         enqueued)
 
 
 def test_enqueue_each_across_the_pool_keeps_order(pool_env: dict[str, str]) -> None:

@@ -20,7 +20,7 @@ from scale_runners import Doomed, Later, Logged
 
 import packmule
 from packmule.backends import backends
-from packmule.puts import job_priority
+from packmule.puts import job_priority, priorities
 
 
 @pytest.mark.timeout(120)
@@ -68,6 +68,12 @@ def test_a_buried_job_keeps_its_level_and_position(env: dict[str, str], workers:
     client.use(tube)
     assert int(client.stats_job(client.peek_buried())["pri"]) == job_priority(7, 1)
     assert job_priority(7, 1) == (7 << 24) + 1 and job_priority(0, 2**30) == 2**24 - 1
+
+
+def test_a_batchs_priorities_made_at_once_are_its_jobs_own() -> None:
+    """enqueue_each makes a chunk's priorities in one go (a range): the same as job by job."""
+    for numbers in (range(1, 600, 3), range(2**24 - 5, 2**24 + 5, 2), range(0), range(2**30, 2**30 + 2)):
+        assert list(priorities(7, numbers)) == [job_priority(7, n) for n in numbers]
 
 
 def test_a_priority_outside_the_levels_names_the_range(env: dict[str, str]) -> None:
