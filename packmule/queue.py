@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import select
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -203,34 +202,6 @@ def _put_commands(tail: bytes, bodies: Sequence[bytes], priorities: Sequence[int
     return (b"put %d" + tail + b"%d\r\n%b\r\n") * len(bodies) % values
 
 
-# The shortest reply to a put (``BURIED 1``, ``DRAINING``, with their CRLF).
-_SHORTEST_REPLY = 10
-
-
-def _await_replies(sock: socket.socket, reader: io.BufferedReader, count: int,
-                   timeout: float) -> None:
-    """Wait until the replies to ``count`` puts are (about) all there, in one wake-up.
-
-    beanstalkd answers each put with a write of its own: read as they come,
-    a producer faster than beanstalkd wakes up for every reply or two. The
-    kernel's low-water mark makes one poll wait for as many bytes as the
-    shortest replies would take. Only ever a lower bound: it cannot wait
-    for bytes that will not come (a short reply, the connection closing:
-    poll wakes up on either end).
-    """
-    have = len(reader.peek(1))  # what is buffered already (one read if nothing is)
-    need = min(_SHORTEST_REPLY * count - have, 1 << 15)
-    if need <= _SHORTEST_REPLY * 2:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        poller.poll(timeout * 1000)
-    finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-
-
 def jobs_per_chunk(body_size: int) -> int:
     """How many puts of bodies of at most ``body_size`` bytes make a chunk (see put_chunks)."""
     return max(1, min(_CHUNK_JOBS, _CHUNK_BYTES // max(body_size, 1)))
@@ -395,11 +366,11 @@ class Queue:
             try:
                 for chunk, priorities in chunks:
                     sock.sendall(_put_commands(tail, chunk, priorities))
-                    refusal = self._read_puts(index, sock, reader, in_flight, stored)
+                    refusal = self._read_puts(index, reader, in_flight, stored)
                     in_flight = chunk
                     if refusal is not None:
                         break
-                last = self._read_puts(index, sock, reader, in_flight, stored)
+                last = self._read_puts(index, reader, in_flight, stored)
                 refusal = refusal or last
             except BaseException:
                 self._drop(index)  # replies left unread would answer the next command
@@ -407,8 +378,8 @@ class Queue:
         if refusal is not None:
             raise refusal
 
-    def _read_puts(self, index: int, sock: socket.socket, reader: io.BufferedReader,
-                   chunk: Sequence[bytes], stored: list[int]) -> Exception | None:
+    def _read_puts(self, index: int, reader: io.BufferedReader, chunk: Sequence[bytes],
+                   stored: list[int]) -> Exception | None:
         """Read the replies of a chunk of puts, in order; the first refusal, if any.
 
         The replies are read with no Python call per job, and when all say
@@ -416,8 +387,6 @@ class Queue:
         before an error reading the next are still taken.
         """
         replies: list[bytes] = []
-        if chunk:
-            _await_replies(sock, reader, len(chunk), self._timeout)
         try:  # extend keeps what it took before an error
             replies.extend(itertools.islice(iter(reader.readline, None), len(chunk)))
         except BaseException:
