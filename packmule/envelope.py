@@ -116,16 +116,33 @@ def stamp(when: float) -> bytes:
     return b"%.3f" % when
 
 
+# _STRICT's C encoder, made once, without the check for circular references: what
+# JSONEncoder.encode does per call around it (a closure, an encoder made with its
+# arguments parsed, a dict) costs more than encoding a job's arguments or value.
+# A circular reference then ends in RecursionError, and _STRICT is asked again to
+# name it. Holding no per-call state, it is safe to share between threads.
+_ESCAPE = encode_basestring_ascii if _STRICT.ensure_ascii else encode_basestring  # a str's JSON
+_ENCODE = None if c_make_encoder is None else c_make_encoder(
+    None, _STRICT.default, _ESCAPE,
+    None, _STRICT.key_separator, _STRICT.item_separator, _STRICT.sort_keys, _STRICT.skipkeys,
+    _STRICT.allow_nan)
+
+
 def dumps(value: Any, *, what: str = "value") -> bytes:
     """Encode ``value`` as strict JSON bytes.
 
     Raises:
         EncodeError: naming ``what`` and the reason (a type JSON cannot carry,
-            NaN or infinity, a circular reference).
+            NaN or infinity, a circular reference, nesting too deep).
     """
+    if _ENCODE is not None:
+        try:
+            return "".join(_ENCODE(value, 0)).encode()
+        except (TypeError, ValueError, RecursionError):
+            pass  # _STRICT says why (it looks for circular references)
     try:
         return _STRICT.encode(value).encode()
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RecursionError) as err:
         raise EncodeError(f"{what} cannot be encoded as JSON: {err}") from err
 
 
@@ -140,18 +157,6 @@ def check_args(method: str, args: tuple[Any, ...] | list[Any]) -> None:
         dumps(arg, what=f"argument {index} of {method}() ({type(arg).__name__})")
 
 
-# _STRICT's C encoder, made once, without the check for circular references: what
-# JSONEncoder.encode does per call around it (a closure, an encoder made with its
-# arguments parsed, a dict) costs three times the encoding of a job's few arguments.
-# A circular reference then ends in RecursionError, and encode_args names it. Holding
-# no per-call state, it is safe to share between threads.
-_ESCAPE = encode_basestring_ascii if _STRICT.ensure_ascii else encode_basestring  # a str's JSON
-_ARGS_ENCODER = None if c_make_encoder is None else c_make_encoder(
-    None, _STRICT.default, _ESCAPE,
-    None, _STRICT.key_separator, _STRICT.item_separator, _STRICT.sort_keys, _STRICT.skipkeys,
-    _STRICT.allow_nan)
-
-
 def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
     """``args`` as a JSON array, encoded once: the form a job body carries them in.
 
@@ -159,9 +164,9 @@ def encode_args(method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
         EncodeError: naming the first argument JSON cannot carry, as check_args does.
     """
     try:
-        if _ARGS_ENCODER is None:
+        if _ENCODE is None:
             return _STRICT.encode(args).encode()
-        return "".join(_ARGS_ENCODER(args, 0)).encode()
+        return "".join(_ENCODE(args, 0)).encode()
     except (TypeError, ValueError, RecursionError) as err:
         check_args(method, args)  # names the argument at fault
         raise EncodeError(f"arguments of {method}() cannot be encoded as JSON: {err}") from err
@@ -205,8 +210,8 @@ def _encode_block(method: str, block: list[Any], extra: tuple[Any, ...], tail: b
             return [b"[%d%b" % (item, tail) for item in block]
         if kinds == {str}:
             return [b"[%b%b" % (_ESCAPE(item).encode(), tail) for item in block]
-        if _ARGS_ENCODER is not None:
-            join, encoder = "".join, _ARGS_ENCODER
+        if _ENCODE is not None:
+            join, encoder = "".join, _ENCODE
             return [b"[%b%b" % (join(encoder(item, 0)).encode(), tail) for item in block]
     except (TypeError, ValueError, RecursionError):
         pass  # one job's arguments cannot be encoded: each job's own encoding names them

@@ -63,8 +63,10 @@ class naming:
 
     beanstalkd's refusals (bad format, out of memory...) become ServerRefused.
 
-    A class, not @contextmanager: a worker enters two per job, and a
-    generator-based one costs several times more.
+    A class, not @contextmanager: a worker enters several per job, and a
+    generator-based one costs several times more. It keeps no state between
+    uses, so one instance can be entered again and again (a worker keeps one
+    per server and action).
     """
 
     def __init__(self, address: str, action: str) -> None:

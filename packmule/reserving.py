@@ -69,6 +69,9 @@ class Reservations:
         self.settings = settings
         self.tubes = tubes
         self.names = [format_address(a) for a in settings.beanstalkd]  # for errors
+        # Per server, what turns its errors into QueueUnavailable naming it: made
+        # once, as several are entered per job.
+        self._reserving = [naming(name, "reserve") for name in self.names]
         self._report = report
         self._clients: dict[int, Client] = {}
         self._next = 0
@@ -105,7 +108,7 @@ class Reservations:
         up = self._up(order) if self._down else order
         for position, index in enumerate(up):
             try:
-                with naming(self.names[index], "reserve"):
+                with self._reserving[index]:
                     job = self._reserve_on(index, 1 if position == len(up) - 1 else 0)
             except QueueUnavailable as err:  # the server named: a delete sent along may fail
                 self._skip(self.names.index(err.address) if err.address in self.names
@@ -162,14 +165,14 @@ class Reservations:
         finished, self.finished = self.finished, None
         self._prefetch_report = None if finished is None else self._reporter(finished)
         self._prefetch_deletes = finished is not None
-        with naming(self.names[0], "reserve"):  # an outage, whatever the job in hand does
+        with self._reserving[0]:  # an outage, whatever the job in hand does
             send_delete_then_reserve(client, None if finished is None else finished.job_id, 0,
                                      stats=self._prefetch_report is not None)
         return True
 
     def read_prefetch(self, client: Client) -> None:
         """Read the replies of :meth:`send_prefetch`: the next job, if one was ready."""
-        with naming(self.names[0], "reserve"):
+        with self._reserving[0]:
             self._prefetched = read_delete_then_reserve(client, self._prefetch_deletes, True,
                                                         reserves=self._prefetch_report)
 

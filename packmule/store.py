@@ -183,6 +183,7 @@ class Store:
     ) -> None:
         self.names = [format_address(a) for a in addresses]
         self.ttl = ttl_seconds
+        self._lines: dict[Quiet | Ask, bytes] = {}  # lines of commands carrying no value
         self._clients = [
             Client(a, connect_timeout=timeout_seconds, timeout=None, no_delay=True,
                    default_noreply=False, socket_module=KernelTimedSockets(timeout_seconds))
@@ -351,10 +352,20 @@ class Store:
         index = self.server_of(commands[0].key)
         if len(self.names) > 1 and any(self.server_of(c.key) != index for c in commands[1:]):
             return None
-        ttl = self.ttl  # (lists, not generators: this is once per job)
-        payload = b"".join([command.line(ttl) for command in commands])
+        lines = self._lines  # (lists, not generators: this is once per job)
+        payload = b"".join([lines.get(command) or self._line(command) for command in commands])
         asks = [command for command in commands if type(command) is Ask]
         return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
+
+    def _line(self, command: Quiet | Ask) -> bytes:
+        """``command``'s line, kept if it carries no value: a completion's counts
+        and its batch's read are the same line for every job of the batch."""
+        line = command.line(self.ttl)
+        if type(command.value) is not bytes:
+            if len(self._lines) >= 10_000:
+                self._lines.clear()
+            self._lines[command] = line
+        return line
 
     def send_quietly(self, writes: Sequence[Quiet]) -> None:
         """Send progress counters and markers without waiting for replies."""

@@ -89,6 +89,7 @@ class Worker:
         self.burst = burst
         self.stopping = False
         self._pool = Reservations(self.settings, self.tubes, self._report_finished)
+        self._handling = [naming(name, "job handling") for name in self._pool.names]
         self._keepalive: KeepAlive | Unwatched = KeepAlive()
         self.signer = signing.from_settings(self.settings)
         self._index = 0  # pool index of the server the job in hand came from
@@ -172,7 +173,7 @@ class Worker:
         index, job = reserved
         self._index, self._attempt = index, None
         started = time.perf_counter()
-        with naming(self._pool.names[index], "job handling"):
+        with self._handling[index]:
             try:
                 outcome = self._handle(self._pool.client(index), job)
             finally:
