@@ -618,15 +618,17 @@ def bench_signing() -> float:
 def priorities(mode: str) -> Iterator[None]:
     """``fair``: packmule's per-job priorities; ``flat``: every job of a level alike (FIFO).
 
-    Patched in this process only: the producer computes a job's priority as it puts it.
+    Patched in this process only: the producer computes a job's priority as it puts it
+    (one job's with ``job_priority``, a batch's with ``priorities``).
     """
-    fair = puts.job_priority
+    fair = puts.job_priority, puts.priorities
     if mode == "flat":
         puts.job_priority = lambda level, number: level << puts.POSITION_BITS
+        puts.priorities = lambda level, numbers: [level << puts.POSITION_BITS] * len(numbers)
     try:
         yield
     finally:
-        puts.job_priority = fair
+        puts.job_priority, puts.priorities = fair
 
 
 def small_during_large(large: int, small: int = 20) -> tuple[float, int]:
