@@ -87,3 +87,36 @@ class Driven(Adder):
 
     def run(self, call: Any) -> Any:  # type: ignore[override]
         return call(self)
+
+
+class Marks(Runner):
+    """Jobs that each note on ``self`` what they saw of the jobs before them.
+
+    A worker makes a job's runner from what it keeps per job head (see
+    packmule.execution.Kind): no job may see another's attributes.
+    """
+
+    def run(self, count: int = 30) -> Any:
+        jobs = self.enqueue_each("mark", range(count))
+        return self.deferred_result("seen", jobs)
+
+    def mark(self, index: int) -> list[Any]:
+        seen = [getattr(self, "marked", None), sorted(self.options)]
+        self.marked = index
+        self.options["job"] = index  # the options too: each job's own copy
+        return seen
+
+    def seen(self, values: list[Any]) -> list[Any]:
+        return values
+
+
+class Constructed(Marks):
+    """The same, with an ``__init__`` of its own, which every job's runner goes through."""
+
+    def __init__(self, name: str = "default", **options: Any) -> None:
+        super().__init__(name, **options)
+        self.built = os.getpid()
+
+    def mark(self, index: int) -> list[Any]:
+        assert self.built == os.getpid()
+        return super().mark(index)

@@ -15,7 +15,7 @@ import greenstalk
 import pytest
 from conftest import ROOT, Workers, wait_until
 from fibonacci_runner import FibonacciRunner
-from runners import Adder, Driven, Empty, LateRegistration, Slow
+from runners import Adder, Constructed, Driven, Empty, LateRegistration, Marks, Slow
 from sleepy_runner import SleepyRunner
 
 import packmule
@@ -31,6 +31,14 @@ def test_run_blocks_and_returns_the_sum(env: dict[str, str], workers: Workers) -
     progress = Adder("sum").update_progress()
     assert (progress.completed, progress.total, progress.state) == (51, 51, "done")
     assert str(progress) == "51 / 51"
+
+
+@pytest.mark.parametrize("runner", [Marks, Constructed])
+def test_every_job_gets_a_runner_of_its_own(env: dict[str, str], workers: Workers,
+                                           runner: type[Marks]) -> None:
+    """One worker runs every job of the call (one head): none sees another's attributes."""
+    workers.start("runners", 1)
+    assert runner("fresh").run(30) == [[None, ["tube"]]] * 30
 
 
 def test_sleepy_runner_run_returns_the_sum_of_its_naps(env: dict[str, str],
