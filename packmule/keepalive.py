@@ -49,7 +49,7 @@ class KeepAlive:
     cancelled, the job is interrupted with JobCancelled.
 
     The worker's last finished job may still wait for its delete, which goes
-    with the next write on the connection (see ``Worker._send_prefetch``):
+    with the next write on the connection (see packmule.reserving):
     given as ``delete``, it is deleted here at the first tick the job runs
     through, so a job that takes its time never leaves the one before it
     reserved (a crash would hand it out again). ``deleted`` then names it.
