@@ -50,24 +50,26 @@ class RunScope:
     backends: Backends
     count_progress: bool = True
     keys: RunKeys = field(init=False, repr=False)
-    # What follows a value's add in its completion's write, by (batch, counted,
-    # batch record read): the same commands for every job of a batch.
-    _completion_tails: dict[tuple[str, bool, bool], list[Quiet | Ask]] = field(
+    # What follows an outcome's add in its completion's write, by (batch, the
+    # counter it counts in, batch record read): the same for every job of a batch.
+    _completion_tails: dict[tuple[str, str | None, bool], list[Quiet | Ask]] = field(
         init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keys = RunKeys(self.backends.settings.namespace, self.run)
 
-    def completion_tail(self, batch: str, counts: bool, read_batch: bool) -> list[Quiet | Ask]:
-        """The commands a completion in ``batch`` sends after its value (see _record_in_one_write)."""
-        key = (batch, counts, read_batch)
+    def completion_tail(self, batch: str, counter: str | None,
+                        read_batch: bool) -> list[Quiet | Ask]:
+        """The commands a completion in ``batch`` sends after its outcome (see
+        _record_in_one_write): ``counter`` counted, the batch counted and maybe read."""
+        key = (batch, counter, read_batch)
         tail = self._completion_tails.get(key)
         if tail is None:
             if len(self._completion_tails) >= 1000:
                 self._completion_tails.clear()
             keys = self.keys
             tail = self._completion_tails[key] = [
-                *([Quiet("incr", keys.completed)] if counts else []), Ask("incr", keys.batch_done(batch)),
+                *([Quiet("incr", counter)] if counter else []), Ask("incr", keys.batch_done(batch)),
                 *([Ask("get", keys.batch(batch))] if read_batch else [])]
         return tail
 
@@ -348,27 +350,31 @@ Recorded = tuple[Outcome, Outcome | None, int | None, bytes | EllipsisType | Non
 
 def _record_in_one_write(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
                          counts: bool) -> Recorded | None:
-    """A value recorded, counted, its batch counted and read: one write, one round trip.
+    """An outcome recorded, counted, its batch counted and read: one write, one round trip.
 
-    The progress count and the "counted" mark travel with the value, before
-    knowing whether this execution recorded it first; if an earlier one did
-    (a redelivery, a kicked failure), :func:`_reconcile` sets the counts right
-    after, so a job that runs twice counts once. The batch record is read in
-    the same write unless its size is known (then only once it may be done).
-    None, nothing sent: a failure, a value over 1,000 bytes, or keys spread
-    over a memcached pool (see :func:`_record_then_count`).
+    The progress count (completed, or failed for the job's own failure) and
+    the "counted" mark travel with the outcome, before knowing whether this
+    execution recorded it first; if an earlier one did (a redelivery, a twin
+    failing at the same time, a kicked failure), :func:`_reconcile` sets the
+    counts right after, so a job that runs twice counts once. The batch
+    record is read in the same write unless its size is known (then only
+    once it may be done). None, nothing sent: an outcome over the server's
+    item size (the slower path names it), or keys spread over a memcached
+    pool (see :func:`_record_then_count`).
     """
-    data = outcome.encode() + (COUNTED if counts else b"")
-    if not outcome.ok or len(data) > 1000:
-        return None
     store, keys = scope.backends.store, scope.keys
+    key = keys.job(job)
+    data = outcome.encode() + (COUNTED if counts else b"")
+    if len(data) > 1000 and len(data) > store.value_limit(key):
+        return None
+    counter = _counter(keys, outcome) if counts else None
     unknown_size = batch not in scope.backends.batch_sizes
-    commands = [Ask("add", keys.job(job), data), *scope.completion_tail(batch, counts, unknown_size)]
+    commands = [Ask("add", key, data), *scope.completion_tail(batch, counter, unknown_size)]
     try:
         replies = store.in_one_write(commands)
-    except ServerRefused:  # the value was refused (memcached full): it is not counted
-        if counts:
-            store.decr_quietly(keys.completed)
+    except ServerRefused:  # the outcome was refused (memcached full): it is not counted
+        if counter:
+            store.decr_quietly(counter)
         raise
     if replies is None:
         return None
@@ -383,10 +389,11 @@ def _reconcile(scope: RunScope, job: int, outcome: Outcome, data: bytes, *,
                counts: bool) -> tuple[Outcome, Outcome | None]:
     """An earlier execution recorded ``job``: which outcome stands, and the counts made right.
 
-    The value ``data`` was counted as if it were the first: counted twice if the
-    earlier record was counted (taken back), the earlier record's count if
-    not (marked). A failure is replaced by the value (a buried job kicked after
-    a fix): ``(value, the failure)``, the failure uncounted.
+    ``data`` was counted as if it were the first record. The earlier record
+    stands if it is a value, or if ours is a failure too (the first failure
+    wins): our count is taken back, and the earlier record counted and marked
+    if it never was. A failure is replaced by a value (a buried job kicked
+    after a fix): ``(value, the failure)``, the failure uncounted.
     """
     store, key = scope.backends.store, scope.keys.job(job)
     while True:
@@ -396,17 +403,36 @@ def _reconcile(scope: RunScope, job: int, outcome: Outcome, data: bytes, *,
                 return outcome, None
             continue
         prior, was_counted = Outcome.decode(old), old.endswith(COUNTED)
-        if prior.ok:
-            if counts and was_counted:
-                store.decr_quietly(scope.keys.completed)
-            elif counts:
-                store.append_quietly(key, COUNTED)
+        if prior.ok or not outcome.ok:
+            if counts:
+                _recount(scope, key, ours=outcome, unmarked=None if was_counted else prior)
             return prior, None
         if store.cas(key, data, token):
             revived = prior if was_counted else None
             if counts and revived is not None and revived.own:
                 store.decr_quietly(scope.keys.failed)
             return outcome, revived
+
+
+def _counter(keys: RunKeys, outcome: Outcome) -> str | None:
+    """The progress counter ``outcome`` counts in: completed, failed (its own failure), or none."""
+    return keys.completed if outcome.ok else keys.failed if outcome.own else None
+
+
+def _recount(scope: RunScope, key: str, *, ours: Outcome, unmarked: Outcome | None) -> None:
+    """Take back the count ``ours`` made with its write; count and mark ``unmarked`` (the
+    record that stands, if its own execution died before counting it)."""
+    store = scope.backends.store
+    taken = _counter(scope.keys, ours)
+    owed = None if unmarked is None else _counter(scope.keys, unmarked)
+    if unmarked is not None:
+        store.append_quietly(key, COUNTED)
+    if taken == owed:  # ours stands for it
+        return
+    if taken:
+        store.decr_quietly(taken)
+    if owed:
+        store.incr_quietly(owed)
 
 
 def _record_then_count(scope: RunScope, job: int, batch: str, outcome: Outcome, *,

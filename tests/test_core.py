@@ -196,3 +196,30 @@ def test_a_value_is_recorded_counted_and_its_batch_counted_in_one_round_trip(
     trips, completed = Driven("one-trip").run(complete_by_hand)
     assert trips == 1, f"{trips} memcached round trips to complete one job"
     assert completed == 1
+
+
+def test_twins_of_a_failing_job_count_one_failure_and_a_kick_takes_it_back(
+        env: dict[str, str]) -> None:
+    """Two executions of one job (a redelivery, a job put twice) that both fail count
+    one failure, recorded and counted in one write like a value (the torture test,
+    seed 9, caught twins counting it twice when the count and its mark went apart);
+    the kicked job's value then replaces the failure and uncounts it."""
+    def fail_twice_then_succeed(runner: Driven) -> list[tuple[int, int]]:
+        ref = runner.enqueue("echo", [3, 0])  # no worker runs it: completed here
+        assert runner._context is not None
+        scope = runner._context.scope
+        counts = []
+        for _ in range(2):
+            failure = Outcome.failed(ref.number, "Traceback ...\nValueError: broken", own=True,
+                                     method="echo")
+            before = scope.backends.store.round_trips
+            aggregate.complete(scope, ref.number, ref.batch, failure)
+            assert scope.backends.store.round_trips - before <= 3  # one write, and the twin's reads
+            progress = runner.update_progress()
+            counts.append((progress.completed, progress.failed))
+        aggregate.complete(scope, ref.number, ref.batch, Outcome.done(3))  # kicked after a fix
+        progress = runner.update_progress()
+        counts.append((progress.completed, progress.failed))
+        return counts
+
+    assert Driven("twins").run(fail_twice_then_succeed) == [(0, 1), (0, 1), (1, 0)]
