@@ -183,7 +183,8 @@ class Store:
     ) -> None:
         self.names = [format_address(a) for a in addresses]
         self.ttl = ttl_seconds
-        self._lines: dict[Quiet | Ask, bytes] = {}  # lines of commands carrying no value
+        # Lines of commands carrying no value, by (type, command).
+        self._lines: dict[tuple[type, Quiet | Ask], bytes] = {}
         self._clients = [
             Client(a, connect_timeout=timeout_seconds, timeout=None, no_delay=True,
                    default_noreply=False, socket_module=KernelTimedSockets(timeout_seconds))
@@ -353,7 +354,8 @@ class Store:
         if len(self.names) > 1 and any(self.server_of(c.key) != index for c in commands[1:]):
             return None
         lines = self._lines  # (lists, not generators: this is once per job)
-        payload = b"".join([lines.get(command) or self._line(command) for command in commands])
+        payload = b"".join([lines.get((type(command), command)) or self._line(command)
+                            for command in commands])
         asks = [command for command in commands if type(command) is Ask]
         return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
 
@@ -364,7 +366,7 @@ class Store:
         if type(command.value) is not bytes:
             if len(self._lines) >= 10_000:
                 self._lines.clear()
-            self._lines[command] = line
+            self._lines[type(command), command] = line  # the type too: an Ask equals a Quiet
         return line
 
     def send_quietly(self, writes: Sequence[Quiet]) -> None:
