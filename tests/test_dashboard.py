@@ -130,10 +130,11 @@ def test_a_user_watches_a_run_finish_then_kicks_a_failed_run_to_completion(
         seen: list[str] = []
 
         def progressed_to_done() -> bool:
+            # Two reads of a row a live update may replace in between: done once both agree.
             progress, state = _text(browser, f"{row} .progress"), _text(browser, f"{row} .state")
             if progress and (not seen or seen[-1] != progress):
                 seen.append(progress)
-            return state == "done"
+            return state == "done" and progress == "41 / 41"
 
         wait_until(progressed_to_done, timeout=90, what="the run's row to turn done")
         assert seen[-1] == "41 / 41" and len(seen) >= 3, seen  # several readings on the way
