@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import EllipsisType
 from typing import Any
@@ -30,11 +30,11 @@ from typing import Any
 from packmule import runs
 from packmule.backends import Backends
 from packmule.envelope import dumps, loads
-from packmule.errors import EnqueueError, ResultMissing, ServerRefused
+from packmule.errors import EncodeError, EnqueueError, ResultMissing, ServerRefused
 from packmule.jobref import JobRef
 from packmule.markers import MARK_BYTES, MISSING, Failure, restore
 from packmule.outcome import Outcome
-from packmule.store import Ask, Quiet, RunKeys
+from packmule.store import Ask, Quiet, Reply, RunKeys
 
 ROOT_JOB = 0
 Waiter = list[Any]  # ["a", aggregate] or ["c", chained job, source job, chained job's batch]
@@ -301,11 +301,14 @@ def report_loss(scope: RunScope, jobs: list[int], why: str) -> None:
                            dumps({"jobs": jobs[:100], "why": why}), lease=scope.lease)
 
 
-def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome:
+def complete(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
+             written: Recorded | None = None) -> Outcome:
     """Record how ``job`` ended and wake whoever waits on its batch. Idempotent.
 
     The first outcome recorded wins, except that a failure is replaced by a
     value (a buried job kicked after a fix). Returns the recorded outcome.
+    ``written``: what the job's write said, if it went in a shared write
+    (see :func:`complete_all`).
 
     A completion can complete chained jobs (a job that returned this job's
     JobRef), which can complete theirs: they are worked off a list, never by
@@ -319,22 +322,64 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome) -> Outcome
         if completion[0] in done:
             continue
         done.add(completion[0])
-        effective = _complete_one(scope, *completion, pending)
+        effective = _complete_one(scope, *completion, pending, written)
+        written = None
         recorded = recorded or effective
     assert recorded is not None
     return recorded
 
 
 Completion = tuple[int, str, Outcome]  # (job, its batch, how it ended)
+Completing = tuple[RunScope, int, str, Outcome]  # (its run, job, its batch, how it ended)
+
+
+def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
+    """Complete several jobs (a worker's batch of quick jobs), their writes in one.
+
+    Each job's commands are those of :func:`_record_in_one_write`; what
+    follows for each (a twin's count taken back, its batch's waiters woken)
+    is :func:`complete`'s. memcached is woken once for the batch, not once
+    per job. A job whose write cannot share (a large value, keys spread over
+    a pool) is completed on its own. Returns, per job, the error
+    :func:`complete` would raise (EncodeError, ServerRefused: the job fails
+    for good) or None; an outage raises (every job is handed out again).
+    """
+    writes: list[_Write | Exception | None] = []
+    for scope, job, batch, outcome in completions:
+        try:
+            writes.append(_completion_write(scope, job, batch, outcome))
+        except EncodeError as err:
+            writes.append(err)
+    commands = [command for write in writes if isinstance(write, _Write)
+                for command in write.commands]
+    store = completions[0][0].backends.store
+    replies = store.in_one_write(commands, refusals=True) if commands else None
+    errors: list[Exception | None] = []
+    position = 0
+    for (scope, job, batch, outcome), write in zip(completions, writes, strict=True):
+        if isinstance(write, Exception):
+            errors.append(write)
+            continue
+        try:
+            written = None
+            if write is not None and replies is not None:
+                position += write.asks
+                written = _written(scope, job, outcome, write, replies[position - write.asks:
+                                                                        position])
+            complete(scope, job, batch, outcome, written=written)
+            errors.append(None)
+        except (EncodeError, ServerRefused) as err:
+            errors.append(err)
+    return errors
 
 
 def _complete_one(scope: RunScope, job: int, batch: str, outcome: Outcome,
-                  pending: list[Completion]) -> Outcome:
-    """Record one job's outcome and notify its batch; chained completions go to ``pending``."""
-    counts = job != ROOT_JOB and scope.count_progress
-    quick = _record_in_one_write(scope, job, batch, outcome, counts=counts)
+                  pending: list[Completion], written: Recorded | None = None) -> Outcome:
+    """Record one job's outcome (unless ``written``) and notify its batch; chained
+    completions go to ``pending``."""
+    quick = written or _record_in_one_write(scope, job, batch, outcome)
     effective, revived, done, raw = quick or _record_then_count(scope, job, batch, outcome,
-                                                                counts=counts)
+                                                                counts=_counts(scope, job))
     if revived is not None:  # a kicked job succeeded: its run, failed by it, is running again
         runs.resume(scope.backends, scope.run)
     pending.extend(_notify(scope, job, batch, done, raw))
@@ -348,8 +393,58 @@ COUNTED = b"\n"
 Recorded = tuple[Outcome, Outcome | None, int | None, bytes | EllipsisType | None]
 
 
-def _record_in_one_write(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
-                         counts: bool) -> Recorded | None:
+def _counts(scope: RunScope, job: int) -> bool:
+    """Whether ``job`` counts in its run's progress (the run's own method does not)."""
+    return job != ROOT_JOB and scope.count_progress
+
+
+@dataclass(slots=True)
+class _Write:
+    """A completion's commands for :meth:`Store.in_one_write`, and how to read its replies."""
+
+    data: bytes  # the outcome as recorded
+    counter: str | None  # the progress counter it counts in
+    read_batch: bool  # whether the batch record is read (its size unknown yet)
+    commands: list[Quiet | Ask]
+    asks: int  # how many replies
+
+
+def _completion_write(scope: RunScope, job: int, batch: str, outcome: Outcome) -> _Write | None:
+    """The one write that records, counts and reads ``job``'s completion (see
+    :func:`_record_in_one_write`); None if its outcome is too large for it."""
+    store, keys = scope.backends.store, scope.keys
+    key, counts = keys.job(job), _counts(scope, job)
+    data = outcome.encode() + (COUNTED if counts else b"")
+    if len(data) > 1000 and len(data) > store.value_limit(key):
+        return None
+    counter = _counter(keys, outcome) if counts else None
+    read_batch = batch not in scope.backends.batch_sizes
+    return _Write(data, counter, read_batch,
+                  [Ask("add", key, data), *scope.completion_tail(batch, counter, read_batch)],
+                  3 if read_batch else 2)
+
+
+def _written(scope: RunScope, job: int, outcome: Outcome, write: _Write,
+             replies: Sequence[Reply | ServerRefused]) -> Recorded:
+    """What ``write``'s ``replies`` say: the outcome that stands, counts made right.
+
+    Raises:
+        ServerRefused: the outcome was refused (memcached full): it is not counted.
+    """
+    added = replies[0]
+    if isinstance(added, ServerRefused):
+        if write.counter:
+            scope.backends.store.decr_quietly(write.counter)
+        raise added
+    done, raw = replies[1], replies[2] if write.read_batch else ...
+    assert isinstance(done, int | None) and isinstance(raw, bytes | EllipsisType | None)
+    if added:
+        return outcome, None, done, raw
+    return (*_reconcile(scope, job, outcome, write.data, counts=_counts(scope, job)), done, raw)
+
+
+def _record_in_one_write(scope: RunScope, job: int, batch: str,
+                         outcome: Outcome) -> Recorded | None:
     """An outcome recorded, counted, its batch counted and read: one write, one round trip.
 
     The progress count (completed, or failed for the job's own failure) and
@@ -362,27 +457,13 @@ def _record_in_one_write(scope: RunScope, job: int, batch: str, outcome: Outcome
     item size (the slower path names it), or keys spread over a memcached
     pool (see :func:`_record_then_count`).
     """
-    store, keys = scope.backends.store, scope.keys
-    key = keys.job(job)
-    data = outcome.encode() + (COUNTED if counts else b"")
-    if len(data) > 1000 and len(data) > store.value_limit(key):
+    write = _completion_write(scope, job, batch, outcome)
+    if write is None:
         return None
-    counter = _counter(keys, outcome) if counts else None
-    unknown_size = batch not in scope.backends.batch_sizes
-    commands = [Ask("add", key, data), *scope.completion_tail(batch, counter, unknown_size)]
-    try:
-        replies = store.in_one_write(commands)
-    except ServerRefused:  # the outcome was refused (memcached full): it is not counted
-        if counter:
-            store.decr_quietly(counter)
-        raise
+    replies = scope.backends.store.in_one_write(write.commands, refusals=True)
     if replies is None:
         return None
-    added, done, raw = replies[0], replies[1], replies[2] if unknown_size else ...
-    assert isinstance(done, int | None) and isinstance(raw, bytes | EllipsisType | None)
-    if added:
-        return outcome, None, done, raw
-    return (*_reconcile(scope, job, outcome, data, counts=counts), done, raw)
+    return _written(scope, job, outcome, write, replies)
 
 
 def _reconcile(scope: RunScope, job: int, outcome: Outcome, data: bytes, *,

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ class _Watched:
     cancelled: Callable[[], bool]
     target: int
     due: float
-    delete: int | None  # a finished job still to delete on this connection
+    delete: list[int]  # finished jobs still to delete on this connection
+    held: deque[greenstalk.Job[bytes]]  # jobs asked for with this one, not started yet
+    unrecorded: list[greenstalk.Job[bytes]]  # jobs run before it, recorded after it
 
 
 class KeepAlive:
@@ -48,11 +51,17 @@ class KeepAlive:
     touch in flight: the loop never shares the socket. If the job's run is
     cancelled, the job is interrupted with JobCancelled.
 
-    The worker's last finished job may still wait for its delete, which goes
-    with the next write on the connection (see packmule.reserving):
-    given as ``delete``, it is deleted here at the first tick the job runs
-    through, so a job that takes its time never leaves the one before it
-    reserved (a crash would hand it out again). ``deleted`` then names it.
+    The worker's last finished jobs may still wait for their deletes, which
+    go with the next write on the connection (see packmule.reserving):
+    given as ``delete``, they are deleted here at the first tick the job runs
+    through, so a job that takes its time never leaves the ones before it
+    reserved (a crash would hand them out again). ``deleted`` then says so.
+
+    A job of a batch (quick jobs asked for together, see packmule.pace) may
+    take its time too: at that first tick, the jobs of its batch not started
+    yet (``held``) go back to the tube for other workers, and the jobs run
+    before it, whose values are recorded with its own (``unrecorded``), are
+    touched with it.
     """
 
     TICK = 0.1  # the shortest interval is 0.5 s (time_to_run >= 2 s, touched every third)
@@ -60,21 +69,25 @@ class KeepAlive:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: _Watched | None = None
-        self.deleted: int | None = None  # the ``delete`` done while the last job ran
+        self.deleted = False  # whether the ``delete`` was done while the last job ran
         self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-keepalive")
         self._thread.start()
 
     def watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                  ttr_seconds: float, cancelled: Callable[[], bool], *,
-                 delete: int | None = None) -> KeepAlive:
-        """Keep ``job`` alive while the with-block this opens runs (and ``delete`` that job).
+                 delete: list[int] | None = None,
+                 held: deque[greenstalk.Job[bytes]] | None = None,
+                 unrecorded: list[greenstalk.Job[bytes]] | None = None) -> KeepAlive:
+        """Keep ``job`` alive while the with-block this opens runs (see the class).
 
+        ``ttr_seconds``: the shortest time-to-run of ``job`` and ``unrecorded``.
         A plain context manager, not @contextmanager's generator: one per job.
         """
         interval = max(0.5, ttr_seconds / 3)
-        self.deleted = None
+        self.deleted = False
         self._watched = _Watched(client, job, interval, cancelled, threading.get_ident(),
-                                 time.monotonic() + interval, delete)
+                                 time.monotonic() + interval, delete or [],
+                                 deque() if held is None else held, unrecorded or [])
         return self
 
     def __enter__(self) -> None:
@@ -93,25 +106,42 @@ class KeepAlive:
             time.sleep(self.TICK)
             with self._lock:
                 watched = self._watched
-                if watched is not None and watched.delete is not None:
-                    self._delete(watched, watched.delete)
+                if watched is not None and watched.delete:
+                    self._delete(watched)
+                if watched is not None and watched.held:
+                    self._hand_back(watched)
                 if watched is not None and time.monotonic() >= watched.due:
                     self._touch(watched)
                     watched.due = time.monotonic() + watched.interval
 
-    def _delete(self, watched: _Watched, job_id: int) -> None:
-        watched.delete = None
-        try:
-            watched.client.delete(job_id)
-        except greenstalk.NotFoundError:  # handed out again meanwhile, and done
-            pass
-        except (OSError, greenstalk.Error) as err:  # the worker's own delete tries again
-            log.warning("deleting finished job %s failed: %r", job_id, err)
-            return
-        self.deleted = job_id
+    def _delete(self, watched: _Watched) -> None:
+        deleting, watched.delete = watched.delete, []
+        for job_id in deleting:
+            try:
+                watched.client.delete(job_id)
+            except greenstalk.NotFoundError:  # handed out again meanwhile, and done
+                pass
+            except (OSError, greenstalk.Error) as err:  # the worker's own delete tries again
+                log.warning("deleting finished job %s failed: %r", job_id, err)
+                return
+        self.deleted = True
+
+    def _hand_back(self, watched: _Watched) -> None:
+        """Release the jobs of the batch not started yet, each at its own priority."""
+        while watched.held:
+            job = watched.held.popleft()
+            try:
+                priority = int(watched.client.stats_job(job)["pri"])
+                watched.client.release(job, priority=priority)
+            except greenstalk.NotFoundError:  # its time-to-run passed: it is ready already
+                pass
+            except (OSError, greenstalk.Error) as err:  # it goes back after its time-to-run
+                log.warning("handing back job %s failed: %r", job.id, err)
 
     def _touch(self, watched: _Watched) -> None:
         try:
+            for job in watched.unrecorded:
+                watched.client.touch(job)
             watched.client.touch(watched.job)
             if watched.cancelled():
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
@@ -124,7 +154,7 @@ class KeepAlive:
 class Unwatched:
     """The keep-alive of a job's own process: none, its worker keeps the job alive."""
 
-    deleted: int | None = None
+    deleted = False
 
     def watching(self, *_args: Any, **_kwargs: Any) -> AbstractContextManager[None]:
         return nullcontext()

@@ -117,37 +117,50 @@ def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int | None, ti
     of its own (greenstalk's ``stats_job`` costs about half a job).
 
     :func:`send_delete_then_reserve` and :func:`read_delete_then_reserve`
-    are its two halves, for a worker that does something else in between.
+    are its two halves, for a worker that does something else in between,
+    deleting several jobs and asking for several.
     """
-    send_delete_then_reserve(client, job_id, timeout, stats=reserves is not None)
-    return read_delete_then_reserve(client, job_id is not None, timeout is not None,
-                                    reserves=reserves)
+    deleting = [] if job_id is None else [job_id]
+    send_delete_then_reserve(client, deleting, timeout, stats=reserves is not None)
+    jobs = read_delete_then_reserve(client, len(deleting), 0 if timeout is None else 1,
+                                    attempts=None if reserves is None else [reserves])
+    return jobs[0] if jobs else None
 
 
-def send_delete_then_reserve(client: greenstalk.Client[bytes], job_id: int | None,
-                             timeout: int | None, *, stats: bool = False) -> None:
-    """Write what :func:`delete_then_reserve` sends; nothing else may use ``client`` until
+def send_delete_then_reserve(client: greenstalk.Client[bytes], job_ids: Sequence[int],
+                             timeout: int | None, *, stats: bool = False, count: int = 1) -> None:
+    """Write the deletes of ``job_ids`` (each after its ``stats-job`` with ``stats``) and
+    ``count`` reserves; nothing else may use ``client`` until
     :func:`read_delete_then_reserve` has read the replies."""
-    delete = b"" if job_id is None else (b"stats-job %d\r\n" % job_id if stats else b"") \
-        + b"delete %d\r\n" % job_id
-    reserve = b"" if timeout is None else b"reserve-with-timeout %d\r\n" % timeout
-    _wire(client)[0].sendall(delete + reserve)
+    line = b"stats-job %d\r\ndelete %d\r\n" if stats else b"delete %d\r\n"
+    deletes = b"".join([line % ((job_id, job_id) if stats else job_id) for job_id in job_ids])
+    reserve = b"" if timeout is None else b"reserve-with-timeout %d\r\n" % timeout * count
+    _wire(client)[0].sendall(deletes + reserve)
 
 
-def read_delete_then_reserve(client: greenstalk.Client[bytes], deleting: bool, reserving: bool, *,
-                             reserves: Callable[[int], None] | None = None
-                             ) -> greenstalk.Job[bytes] | None:
-    """Read the replies of :func:`send_delete_then_reserve`: the job reserved, or None."""
+def read_delete_then_reserve(client: greenstalk.Client[bytes], deletes: int, reserves: int, *,
+                             attempts: Sequence[Callable[[int], None]] | None = None
+                             ) -> list[greenstalk.Job[bytes]]:
+    """Read the replies of :func:`send_delete_then_reserve` (``deletes`` and ``reserves``
+    commands; ``attempts``, one per delete, if stats were asked): the jobs reserved."""
     reader = _wire(client)[1]
-    if deleting:
-        count = _read_reserves(reader) if reserves else 0
+    for position in range(deletes):
+        count = _read_reserves(reader) if attempts else 0
         deleted = reader.readline()
         if deleted not in (b"DELETED\r\n", b"NOT_FOUND\r\n"):
             raise ConnectionError(f"unexpected reply to delete: {deleted!r}")
-        if reserves:
-            reserves(count)
-    if not reserving:
-        return None
+        if attempts:
+            attempts[position](count)
+    jobs = []
+    for _ in range(reserves):
+        job = _read_reserved(reader)
+        if job is not None:
+            jobs.append(job)
+    return jobs
+
+
+def _read_reserved(reader: io.BufferedReader) -> greenstalk.Job[bytes] | None:
+    """The job a reserve's reply hands out, or None if it timed out."""
     reply = reader.readline()
     if reply.startswith(b"RESERVED "):
         _, job, size = reply.split()

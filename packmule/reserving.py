@@ -5,12 +5,15 @@ when one is done; this keeps what saves round trips out of the loop:
 
 - A done job's delete is not sent on its own: it goes in one write with the
   next reserve on its server (one write, one round trip).
-- On a one-server pool, the next job is asked for while the last one's value
-  is recorded (:meth:`Reservations.send_prefetch`): beanstalkd answers while
-  memcached does, so a job costs the worker one wait, not two. A job asked
-  for that way comes without a reserve of its own, so the delete of the job
-  before it still waits; the keep-alive sends it if the job runs a while
-  (see packmule.keepalive), and the next write takes it along otherwise.
+- On a one-server pool, the next jobs are asked for while the last values
+  are recorded (:meth:`Reservations.send_prefetch`): beanstalkd answers while
+  memcached does, so a job costs the worker one wait, not two. When jobs
+  are quick, several are asked for at once (a batch: see packmule.pace),
+  and the worker waits once per batch. Jobs asked for that way come without
+  a reserve of their own, so the deletes of the jobs before them still
+  wait; the keep-alive sends them if a job runs a while (see
+  packmule.keepalive), and hands back the jobs of the batch not started
+  yet; the next write takes the deletes along otherwise.
 - The pool's servers are reserved from in turn. One that cannot be reached
   is left aside for a pause doubling up to 5 s while the worker goes on
   with the others; only when every server is down does the error reach the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -32,7 +36,6 @@ from packmule.envelope import Envelope
 from packmule.errors import QueueUnavailable
 from packmule.queue import (
     connect,
-    delete_then_reserve,
     naming,
     read_delete_then_reserve,
     send_delete_then_reserve,
@@ -77,12 +80,13 @@ class Reservations:
         self._next = 0
         # Unreachable servers: index -> (failures in a row, when to try it again).
         self._down: dict[int, tuple[int, float]] = {}
-        self.finished: Finished | None = None  # its delete waits for the next write
-        # The next job, asked for while the last one was recorded (send_prefetch),
-        # and what that write asked besides: the last job's delete, its attempt.
-        self._prefetched: Job | None = None
-        self._prefetch_deletes = False
-        self._prefetch_report: Callable[[int], None] | None = None
+        self.finished: list[Finished] = []  # their deletes wait for the next write
+        # The next jobs, asked for while the last ones were recorded (send_prefetch),
+        # and what that write asked besides: the last jobs' deletes, their attempts.
+        self.held: deque[Job] = deque()
+        self._prefetch_asked = 0
+        self._prefetch_deletes = 0
+        self._prefetch_reports: list[Callable[[int], None]] | None = None
 
     def client(self, index: int) -> Client:
         """The connection to server ``index``, opened (watching the tubes) if need be."""
@@ -98,10 +102,8 @@ class Reservations:
 
     def reserve(self) -> tuple[int, Job] | None:
         """The next job and its server's index; None if no server had one within ~1 s."""
-        prefetched = self._prefetched
-        if prefetched is not None:  # asked for while the last job was recorded
-            self._prefetched = None
-            return 0, prefetched
+        if self.held:  # asked for while the last jobs were recorded
+            return 0, self.held.popleft()
         servers = len(self.settings.beanstalkd)
         order = [(self._next + attempt) % servers for attempt in range(servers)] if servers > 1 \
             else [0]
@@ -123,63 +125,71 @@ class Reservations:
     def done(self, finished: Finished) -> None:
         """``finished`` is done: its delete goes with the next write on its server.
 
-        The job before it went with this one's reserve, unless this one was
-        asked for early and no later write took that delete along.
+        The deletes waiting are all on one server's connection: those on
+        another are sent first, on their own.
         """
-        self.delete_finished()
-        self.finished = finished
+        if self.finished and self.finished[0].index != finished.index:
+            self.delete_finished()
+        self.finished.append(finished)
 
     def delete_finished(self) -> None:
-        """Delete the last finished job on its own (stopping, or the next reserve elsewhere)."""
-        finished = self.finished
-        if finished is None:
+        """Delete the finished jobs on their own (stopping, or the next reserve elsewhere)."""
+        finished, self.finished = self.finished, []
+        if not finished:
             return
-        self.finished = None
-        with naming(self.names[finished.index], "delete"):
-            delete_then_reserve(self._clients[finished.index], finished.job_id, None,
-                                reserves=self._reporter(finished))
+        index = finished[0].index
+        with naming(self.names[index], "delete"):
+            client = self._clients[index]
+            reports = self._reporters(finished)
+            send_delete_then_reserve(client, [job.job_id for job in finished], None,
+                                     stats=reports is not None)
+            read_delete_then_reserve(client, len(finished), 0, attempts=reports)
 
-    def pending_delete(self, index: int) -> Finished | None:
-        """The last job done, if its delete still waits, on server ``index``'s connection."""
+    def pending_delete(self, index: int) -> list[Finished]:
+        """The jobs done whose deletes still wait on server ``index``'s connection."""
         finished = self.finished
-        return finished if finished is not None and finished.index == index else None
+        return finished if finished and finished[0].index == index else []
 
-    def deleted_meanwhile(self, finished: Finished) -> None:
-        """``finished`` was deleted by the keep-alive while the job in hand ran."""
-        if self.finished is finished:
-            self.finished = None
-            self._report(finished, 0)
+    def deleted_meanwhile(self, finished: list[Finished]) -> None:
+        """``finished`` were deleted by the keep-alive while the job in hand ran."""
+        if finished and self.finished is finished:
+            self.finished = []
+            for job in finished:
+                self._report(job, 0)
 
-    def send_prefetch(self, client: Client) -> bool:
-        """Ask for the next job (with the last one's delete) while the job in hand is recorded.
+    def send_prefetch(self, client: Client, count: int = 1) -> bool:
+        """Ask for the next ``count`` jobs (with the last ones' deletes) while the jobs in
+        hand are recorded.
 
-        The next job is in hand when the recording returns
+        The next jobs are in hand when the recording returns
         (:meth:`read_prefetch`, which must read the replies before the
         connection serves anything else). Asked for only once the job's method
-        returned, with a zero timeout, so a worker never holds a job it will
-        not start at once; only on a one-server pool (a pool's servers are
-        reserved from in turn). True if sent.
+        returned, with a zero timeout, so a worker holds only jobs it will
+        start within a few milliseconds (``count`` > 1 only for quick jobs);
+        only on a one-server pool (a pool's servers are reserved from in
+        turn). True if sent.
         """
-        if self._prefetched is not None or len(self.settings.beanstalkd) != 1:
+        if self.held or len(self.settings.beanstalkd) != 1:
             return False
-        finished, self.finished = self.finished, None
-        self._prefetch_report = None if finished is None else self._reporter(finished)
-        self._prefetch_deletes = finished is not None
+        finished, self.finished = self.finished, []
+        self._prefetch_reports = self._reporters(finished)
+        self._prefetch_deletes, self._prefetch_asked = len(finished), count
         with self._reserving[0]:  # an outage, whatever the job in hand does
-            send_delete_then_reserve(client, None if finished is None else finished.job_id, 0,
-                                     stats=self._prefetch_report is not None)
+            send_delete_then_reserve(client, [job.job_id for job in finished], 0,
+                                     stats=self._prefetch_reports is not None, count=count)
         return True
 
     def read_prefetch(self, client: Client) -> None:
-        """Read the replies of :meth:`send_prefetch`: the next job, if one was ready."""
+        """Read the replies of :meth:`send_prefetch`: the next jobs, those that were ready."""
         with self._reserving[0]:
-            self._prefetched = read_delete_then_reserve(client, self._prefetch_deletes, True,
-                                                        reserves=self._prefetch_report)
+            self.held.extend(read_delete_then_reserve(client, self._prefetch_deletes,
+                                                      self._prefetch_asked,
+                                                      attempts=self._prefetch_reports))
 
     @property
     def holding(self) -> bool:
-        """Whether a job was asked for early and not handed out yet."""
-        return self._prefetched is not None
+        """Whether jobs were asked for early and not handed out yet."""
+        return bool(self.held)
 
     def close(self) -> None:
         """Close every connection: the jobs they hold reserved go back to ready.
@@ -187,25 +197,29 @@ class Reservations:
         The last job done was recorded: if handed out again, its next
         execution finds its value and counts nothing twice.
         """
-        if self.finished is not None:
-            self._report(self.finished, 0)
-            self.finished = None
-        self._prefetched = None
+        for finished in self.finished:
+            self._report(finished, 0)
+        self.finished = []
+        self.held.clear()
         for client in self._clients.values():
             with suppress(OSError):
                 client.close()
         self._clients.clear()
 
-    def _reporter(self, finished: Finished) -> Callable[[int], None] | None:
-        """What to call with a done job's attempt, read along with its delete.
+    def _reporters(self, finished: list[Finished]) -> list[Callable[[int], None]] | None:
+        """What to call with each done job's attempt, read along with its delete.
 
-        Only its log line shows the attempt: without INFO logging, report it
-        now and ask beanstalkd for nothing more.
+        Only its log line shows the attempt: without INFO logging, report
+        them now and ask beanstalkd for nothing more.
         """
         if log.isEnabledFor(logging.INFO):
-            return lambda reserves: self._report(finished, reserves)
-        self._report(finished, 0)
+            return [self._reporter(job) for job in finished]
+        for job in finished:
+            self._report(job, 0)
         return None
+
+    def _reporter(self, finished: Finished) -> Callable[[int], None]:
+        return lambda reserves: self._report(finished, reserves)
 
     def _up(self, order: list[int]) -> list[int]:
         """The servers of ``order`` not left aside, or all of them if every one is."""
@@ -221,9 +235,9 @@ class Reservations:
         if client is not None:
             with suppress(OSError):
                 client.close()
-        if self.finished is not None and self.finished.index == index:
-            self.finished = None  # handed out again: its next execution finds it recorded
-        self._prefetched = None  # (only ever on a one-server pool: its connection is gone)
+        if self.finished and self.finished[0].index == index:
+            self.finished = []  # handed out again: their next executions find them recorded
+        self.held.clear()  # (only ever on a one-server pool: its connection is gone)
         if len(self._down) == len(self.settings.beanstalkd):
             raise err
         log.warning("%s; working with the other servers, trying it again in %.1f s", err, pause)
@@ -231,11 +245,14 @@ class Reservations:
     def _reserve_on(self, index: int, timeout: int) -> Job | None:
         """Reserve from server ``index``, sending the last finished job's delete along."""
         client = self.client(index)
-        finished = self.finished
-        if finished is not None and finished.index == index:
-            self.finished = None
-            return delete_then_reserve(client, finished.job_id, timeout,
-                                       reserves=self._reporter(finished))
+        finished = self.pending_delete(index)
+        if finished:
+            self.finished = []
+            reports = self._reporters(finished)
+            send_delete_then_reserve(client, [job.job_id for job in finished], timeout,
+                                     stats=reports is not None)
+            jobs = read_delete_then_reserve(client, len(finished), 1, attempts=reports)
+            return jobs[0] if jobs else None
         self.delete_finished()
         try:
             return client.reserve(timeout=timeout)

@@ -335,19 +335,25 @@ class Store:
             raise StoreUnavailable(self.names[index], f"memcached incr of {key}: {reply!r}")
         return int(reply)
 
-    def in_one_write(self, commands: Sequence[Quiet | Ask]) -> list[Reply] | None:
+    def in_one_write(self, commands: Sequence[Quiet | Ask], *,
+                     refusals: bool = False) -> list[Reply | ServerRefused] | None:
         """Send ``commands`` in one write and read the replies of the Asks, in order.
 
         memcached applies one connection's commands in order, so a completion
-        can record a value, count it and read its batch in one round trip.
+        can record a value, count it and read its batch in one round trip
+        (and a batch of completions theirs: see aggregate.complete_all).
         Only for commands whose keys all live on one server, and values of
         at most 1,000 bytes (no item size is smaller): None, nothing sent,
         if the keys are spread over the pool.
 
+        With ``refusals``, an Ask memcached refused (``SERVER_ERROR``, e.g.
+        out of memory under ``-M``: it goes on with the next command) has a
+        ServerRefused for its reply, and the other replies are read.
+
         Raises:
-            ServerRefused: memcached answered an Ask with an error (out of
-                memory under ``-M``): the connection is closed (the rest of
-                its replies are unread) and the Quiet writes are applied.
+            ServerRefused: without ``refusals``, memcached answered an Ask
+                with an error: the connection is closed (the rest of its
+                replies are unread) and the Quiet writes are applied.
             StoreUnavailable: as for any command.
         """
         index = self.server_of(commands[0].key)
@@ -357,6 +363,10 @@ class Store:
         payload = b"".join([lines.get((type(command), command)) or self._line(command)
                             for command in commands])
         asks = [command for command in commands if type(command) is Ask]
+        if refusals:
+            name = self.names[index]
+            return self._call(index, asks[0].command,
+                              lambda c: _exchange(c, payload, asks, refusals_from=name))
         return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
 
     def _line(self, command: Quiet | Ask) -> bytes:
@@ -463,12 +473,15 @@ class Store:
 @overload
 def _exchange(client: Client, payload: bytes) -> dict[bytes, bytes]: ...
 @overload
-def _exchange(client: Client, payload: bytes, asks: list[Ask]) -> list[Reply]: ...
+def _exchange(client: Client, payload: bytes, asks: list[Ask],
+              refusals_from: str | None = None) -> list[Reply | ServerRefused]: ...
 
 
-def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None) -> Any:
+def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None,
+              refusals_from: str | None = None) -> Any:
     """Send ``payload`` on ``client``'s socket and read the replies of ``asks``, in order
-    (without ``asks``: the values of one ``get``, by key).
+    (without ``asks``: the values of one ``get``, by key). With ``refusals_from``
+    (the server's name), a ``SERVER_ERROR`` reply is a ServerRefused in its place.
 
     pymemcache reads every reply of its own commands in full, so nothing is
     left in the socket between commands, and this leaves nothing either.
@@ -479,7 +492,11 @@ def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None) -> 
     try:
         sock.sendall(payload)
         replies = _Replies(sock)
-        return replies.values() if asks is None else [replies.reply(ask) for ask in asks]
+        if asks is None:
+            return replies.values()
+        if refusals_from is not None:
+            return [replies.reply_or_refusal(ask, refusals_from) for ask in asks]
+        return [replies.reply(ask) for ask in asks]
     except BaseException:
         client.close()  # replies left unread would answer the next command
         raise
@@ -517,6 +534,15 @@ class _Replies:
         if ask.command == "incr" and line.isdigit():
             return int(line)
         raise _unexpected(line, f"memcached {ask.command} of {ask.key}")
+
+    def reply_or_refusal(self, ask: Ask, server: str) -> Reply | ServerRefused:
+        """:meth:`reply`, or, if ``server`` refused the command, a ServerRefused saying so."""
+        try:
+            return self.reply(ask)
+        except MemcacheServerError as err:
+            words = _words(err)
+            return ServerRefused(server, f"memcached refused {ask.command}: {words}",
+                                 reply=words)
 
     def values(self) -> dict[bytes, bytes]:
         """The values a ``get`` of one or more keys found, by key.

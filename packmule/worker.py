@@ -21,7 +21,10 @@ runner with a ``time_limit`` has its jobs run in processes of their own
 
 Jobs are reserved, and deleted once done, through packmule.reserving, which
 spares the round trips (a delete rides with the next reserve; the next job
-is asked for while the last one's value is recorded).
+is asked for while the last one's value is recorded). Quick jobs are asked
+for a few at a time (packmule.pace): the values of such a batch are
+recorded in one write once its last job has run, then its jobs deleted in
+the next.
 
 beanstalkd's release and bury set a job's priority anew: each passes the one
 the job was put with (``puts.job_priority``), so a retried, parked or
@@ -36,6 +39,7 @@ import os
 import signal
 import time
 from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -46,7 +50,6 @@ from packmule.backends import backends
 from packmule.config import Settings, settings
 from packmule.envelope import Envelope, decode
 from packmule.errors import (
-    EncodeError,
     ForkServerGone,
     JobCancelled,
     JobStopped,
@@ -57,6 +60,7 @@ from packmule.errors import (
 from packmule.forks import ForkServer
 from packmule.keepalive import KeepAlive, Unwatched
 from packmule.metrics import WorkerMetrics
+from packmule.pace import Pace
 from packmule.queue import PARK_SECONDS, naming
 from packmule.registry import Heartbeat
 from packmule.reserving import Finished, Reservations
@@ -72,6 +76,19 @@ UNRUNNABLE_RESERVES = 3
 DONE, HANDLED, RETRIED, FAILED = "done", "handled", "retried", "failed"
 CANCELLED, PARKED, UNRUNNABLE, CORRUPT = "cancelled", "parked", "unrunnable", "corrupt"
 REFUSED = "refused"  # its signature is missing or wrong: buried, never run
+RAN = "ran"  # its value waits to be recorded with the rest of its batch's
+
+
+@dataclass(slots=True)
+class Unrecorded:
+    """A job of a batch that ran; its value is recorded with the batch's last one's."""
+
+    index: int  # its server's
+    job: greenstalk.Job[bytes]
+    runner: Any
+    envelope: Envelope
+    result: Any
+    seconds: float  # how long it took to run
 
 
 class Worker:
@@ -94,6 +111,9 @@ class Worker:
         self.signer = signing.from_settings(self.settings)
         self._index = 0  # pool index of the server the job in hand came from
         self._attempt: int | None = None  # the job in hand's, once known
+        self._started = 0.0  # when the job in hand was handed out (perf_counter)
+        self._pace = Pace()
+        self._unrecorded: list[Unrecorded] = []  # the batch's jobs run, values not recorded
         # For the registry's heartbeat thread, which reads them: plain assignments per job.
         self._in_hand: tuple[Envelope, float] | None = None  # the job and when it started
         self.done = 0
@@ -151,11 +171,14 @@ class Worker:
                 failures = 0
             except ServerError as err:
                 failures += 1
-                self._pool.close()
+                self._pool.close()  # the jobs it held, and those unrecorded, are handed out again
+                self._unrecorded.clear()
                 pause = backoff_seconds(failures, base=0.2, cap=5.0)
                 log.warning("%s; retrying in %.1f s", err, pause)
                 time.sleep(pause)
         with suppress(ServerError):
+            if self._unrecorded:  # stopped between a batch's jobs
+                self._record_rest()
             self._pool.delete_finished()
         if self._pool.holding:  # a job asked for, never started: back to the tube
             self._pool.close()
@@ -172,20 +195,27 @@ class Worker:
             return False
         index, job = reserved
         self._index, self._attempt = index, None
-        started = time.perf_counter()
+        self._started = started = time.perf_counter()
         with self._handling[index]:
             try:
                 outcome = self._handle(self._pool.client(index), job)
             finally:
                 in_hand, self._in_hand = self._in_hand, None
-        seconds = time.perf_counter() - started
-        if in_hand is None:  # a corrupt job: logged as buried already
-            return True
-        if outcome == DONE:
-            self._pool.done(Finished(index, job.id, in_hand[0], seconds))
-        else:
-            self._report(in_hand[0], outcome, seconds, self._attempt)
+            seconds = time.perf_counter() - started
+            self._pace.ran(seconds)
+            if in_hand is not None and outcome != RAN:  # else logged already (a corrupt job)
+                self._settle(index, job, in_hand[0], outcome, seconds)
+            if self._unrecorded and (self.stopping or not self._pool.holding):
+                self._record_rest()  # the batch's last job was not a value
         return True
+
+    def _settle(self, index: int, job: greenstalk.Job[bytes], envelope: Envelope, outcome: str,
+                seconds: float) -> None:
+        """A job handled: DONE, its delete waits for the next write; else it is reported."""
+        if outcome == DONE:
+            self._pool.done(Finished(index, job.id, envelope, seconds))
+        else:
+            self._report(envelope, outcome, seconds, self._attempt)
 
     def _report(self, envelope: Envelope, outcome: str, seconds: float,
                 attempt: int | None) -> None:
@@ -348,32 +378,67 @@ class Worker:
                 with suppress(greenstalk.NotFoundError):
                     client.kick_job(job)
             return PARKED
-        # The next job is asked for while this one's value is recorded (see reserving).
-        prefetching = not (self.stopping or self._in_child) and self._pool.send_prefetch(client)
+        self._unrecorded.append(Unrecorded(self._index, job, runner, envelope, result,
+                                           time.perf_counter() - self._started))
+        if self._pool.holding and not self.stopping:
+            return RAN  # recorded with the batch's next jobs
+        return self._record_batch(client)
+
+    def _record_batch(self, client: greenstalk.Client[bytes]) -> str:
+        """Record the values of the jobs run since the last write, in one write.
+
+        The next jobs are asked for while memcached records them (see
+        reserving). Each job but the last is settled here: done, or failed
+        and buried if its value cannot be recorded; the last one's outcome
+        (DONE or FAILED) is returned.
+        """
+        batch, self._unrecorded = self._unrecorded, []
+        prefetching = not (self.stopping or self._in_child) and self._pool.send_prefetch(
+            client, self._pace.batch())
         try:
-            try:
-                execution.record(runner, envelope, result)
-            finally:
-                if prefetching:
-                    self._pool.read_prefetch(client)
-        except (EncodeError, ServerRefused) as err:  # the same value again would fail again
-            self._bury_failed(client, job, runner, envelope, "its return value cannot be "
-                              f"recorded: {type(err).__name__}: {err}")
-            return FAILED
-        return DONE
+            errors = execution.record_all([(item.runner, item.envelope, item.result)
+                                           for item in batch])
+        finally:
+            if prefetching:
+                self._pool.read_prefetch(client)
+        outcome = DONE
+        for item, error in zip(batch, errors, strict=True):
+            outcome = DONE if error is None else self._unrecordable(client, item, error)
+            if item is not batch[-1]:
+                self._settle(item.index, item.job, item.envelope, outcome, item.seconds)
+        return outcome
+
+    def _record_rest(self) -> None:
+        """Record the batch's values when its last job ended otherwise (failed, parked...)."""
+        last = self._unrecorded[-1]
+        outcome = self._record_batch(self._pool.client(last.index))
+        self._settle(last.index, last.job, last.envelope, outcome, last.seconds)
+
+    def _unrecordable(self, client: greenstalk.Client[bytes], item: Unrecorded,
+                      err: Exception) -> str:
+        """Fail and bury a job whose value cannot be recorded: the same value would fail again."""
+        self._bury_failed(client, item.job, item.runner, item.envelope, "its return value "
+                          f"cannot be recorded: {type(err).__name__}: {err}")
+        return FAILED
 
     def _watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes], runner: Any,
-                  envelope: Envelope, finished: Finished | None) -> AbstractContextManager[Any]:
-        """The keep-alive of the job in hand, deleting ``finished`` if it runs a while."""
+                  envelope: Envelope, finished: list[Finished]) -> AbstractContextManager[Any]:
+        """The keep-alive of the job in hand, and of its batch if it runs a while: deleting
+        ``finished``, handing back the jobs not started, touching those unrecorded."""
         ttr = runner.time_to_run or self.settings.ttr_seconds
+        unrecorded = self._unrecorded
+        if unrecorded:
+            ttr = min(ttr, *(item.runner.time_to_run or self.settings.ttr_seconds
+                             for item in unrecorded))
         # The keep-alive thread must use its own connections: backends() there.
         return self._keepalive.watching(
             client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease),
-            delete=None if finished is None else finished.job_id)
+            delete=[job.job_id for job in finished], held=self._pool.held,
+            unrecorded=[item.job for item in unrecorded])
 
-    def _note_deleted(self, finished: Finished | None) -> None:
+    def _note_deleted(self, finished: list[Finished]) -> None:
         """Tell the pool if the keep-alive deleted ``finished`` while the job in hand ran."""
-        if finished is not None and self._keepalive.deleted == finished.job_id:
+        if finished and self._keepalive.deleted:
             self._pool.deleted_meanwhile(finished)
 
     def _execute_limited(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],

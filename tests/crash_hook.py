@@ -18,8 +18,8 @@ Points:
 - ``after-chain``: a job that returned a deferred result (a JobRef) has its
   chain registered, and is not deleted from beanstalkd yet.
 
-The worker calls ``execution.record(...)`` (and ``execution.handle`` calls
-``record`` through the module's globals), so replacing the module attribute
+The worker calls ``execution.record_all(...)`` (and ``execution.handle`` calls
+``record`` through the module's globals), so replacing the module attributes
 reaches every recording; packmule itself carries no trace of the hook.
 """
 
@@ -35,6 +35,7 @@ from typing import Any
 from packmule import execution
 from packmule.aggregate import RunScope
 from packmule.envelope import Envelope
+from packmule.errors import ServerRefused
 from packmule.jobref import JobRef
 from packmule.runner import Runner
 from packmule.store import Ask, Quiet, Reply
@@ -43,6 +44,7 @@ CRASH_HOOK = "PACKMULE_TEST_CRASH_AT"
 _CRASH_POINTS = ("before-fire", "after-fire", "before-count", "after-count", "after-chain")
 
 _record = execution.record
+_record_all = execution.record_all
 _fail = execution.fail
 _local = threading.local()  # .armed: this thread is inside a hooked recording
 
@@ -58,6 +60,14 @@ def record(runner: Runner, envelope: Envelope, result: Any) -> None:
         _record(runner, envelope, result)
     if isinstance(result, JobRef) and os.environ.get(CRASH_HOOK, "").startswith("after-chain:"):
         _die_once(os.environ[CRASH_HOOK].partition(":")[2])
+
+
+def record_all(results: Sequence[tuple[Runner, Envelope, Any]]) -> list[Exception | None]:
+    """``execution.record_all`` (a worker's batch of quick jobs), hooked like ``record``."""
+    context = results[0][0]._context
+    assert context is not None
+    with _crash_hook(context.scope):
+        return _record_all(results)
 
 
 def fail(runner: Runner, envelope: Envelope, text: str) -> None:
@@ -79,7 +89,7 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
     duration of the recording only: the protocol code itself is unchanged.
     """
     point, _, flag = os.environ.get(CRASH_HOOK, "").partition(":")
-    if point not in _CRASH_POINTS or not flag:
+    if point not in _CRASH_POINTS or not flag or _armed():  # (a batch's record: hooked already)
         yield
         return
     coord, store = scope.backends.coord, scope.backends.store
@@ -104,14 +114,15 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
             _die_once(flag)
         return result
 
-    def maybe_die_around_one_write(commands: Sequence[Quiet | Ask]) -> list[Reply] | None:
+    def maybe_die_around_one_write(commands: Sequence[Quiet | Ask],
+                                   **options: Any) -> list[Reply | ServerRefused] | None:
         counting = _armed() and any(c.key == scope.keys.completed for c in commands)
         if counting and point == "before-count" and not os.path.exists(flag):
             value = commands[0]
             assert isinstance(value, Ask) and isinstance(value.value, bytes)
             store.add(value.key, value.value.rstrip(b"\n"))  # recorded, not counted
             _die_once(flag)
-        result = in_one_write(commands)
+        result = in_one_write(commands, **options)
         if counting and point == "after-count":
             _die_once(flag)
         return result
@@ -139,4 +150,5 @@ def _die_once(flag: str) -> None:
 
 if os.environ.get(CRASH_HOOK):
     execution.record = record
+    execution.record_all = record_all
     execution.fail = fail

@@ -1,0 +1,33 @@
+"""How many jobs a worker asks for at once: one, or a few when its jobs are quick.
+
+A job of a millisecond or less costs the worker, beanstalkd and memcached
+more in waking each other than in its own work. Asked for several at a
+time (a batch), quick jobs cost one wake-up of each per batch: their
+deletes go in one write, their values in another (see packmule.worker).
+
+A batch holds jobs back from other workers, and values back from memcached,
+while its jobs run: it is sized so its jobs take about ``HORIZON`` seconds,
+by the worker's recent jobs. One slow job brings the worker back to one job
+at a time at once; if a job of a batch turns out slow, the keep-alive
+hands the jobs not started yet back to the tube at its first tick.
+"""
+
+from __future__ import annotations
+
+
+class Pace:
+    """The running estimate of one worker's job time, and the batch it allows."""
+
+    HORIZON = 0.002  # seconds of work a batch may hold
+    MOST = 16  # jobs in a batch at most: holding more saves little
+
+    def __init__(self) -> None:
+        self.seconds = self.HORIZON  # a new worker asks for one job at a time
+
+    def ran(self, seconds: float) -> None:
+        """A job took ``seconds`` to handle: slow ones count at once, quick ones gradually."""
+        self.seconds = max(seconds, 0.8 * self.seconds + 0.2 * seconds)
+
+    def batch(self) -> int:
+        """How many jobs to ask for next."""
+        return max(1, min(self.MOST, int(self.HORIZON / max(self.seconds, 1e-6))))
