@@ -8,8 +8,11 @@ deletes go in one write, their values in another (see packmule.worker).
 A batch holds jobs back from other workers, and values back from memcached,
 while its jobs run: it is sized so its jobs take about ``HORIZON`` seconds,
 by the worker's recent jobs. One slow job brings the worker back to one job
-at a time at once; if a job of a batch turns out slow, the keep-alive
-hands the jobs not started yet back to the tube at its first tick.
+at a time at once. Within a batch, a job whose method has not shown itself
+quick is run only once the values before it are recorded; if a job of a
+batch turns out slow all the same, the keep-alive hands the jobs not started
+yet back to the tube at its first tick, and keeps those run before it alive
+(their values wait for it).
 """
 
 from __future__ import annotations
@@ -23,11 +26,25 @@ class Pace:
 
     def __init__(self) -> None:
         self.seconds = self.HORIZON  # a new worker asks for one job at a time
+        self._methods: dict[tuple[str, str], float] = {}  # the same, per (runner, method)
 
-    def ran(self, seconds: float) -> None:
-        """A job took ``seconds`` to handle: slow ones count at once, quick ones gradually."""
-        self.seconds = max(seconds, 0.8 * self.seconds + 0.2 * seconds)
+    def ran(self, method: tuple[str, str], seconds: float) -> None:
+        """A job of ``method`` took ``seconds``: slow ones count at once, quick ones gradually."""
+        self.seconds = _estimate(self.seconds, seconds)
+        if len(self._methods) >= 10_000:
+            self._methods.clear()
+        self._methods[method] = _estimate(self._methods.get(method, seconds), seconds)
+
+    def quick(self, method: tuple[str, str]) -> bool:
+        """Whether jobs of ``method`` have been quick: one may run before the values of its
+        batch run before it are recorded."""
+        return self._methods.get(method, self.HORIZON + 1) <= self.HORIZON
 
     def batch(self) -> int:
         """How many jobs to ask for next."""
         return max(1, min(self.MOST, int(self.HORIZON / max(self.seconds, 1e-6))))
+
+
+def _estimate(last: float, seconds: float) -> float:
+    """A running estimate of job time: up at once to a slow job, down gradually."""
+    return max(seconds, 0.8 * last + 0.2 * seconds)

@@ -202,7 +202,8 @@ class Worker:
             finally:
                 in_hand, self._in_hand = self._in_hand, None
             seconds = time.perf_counter() - started
-            self._pace.ran(seconds)
+            if in_hand is not None:
+                self._pace.ran((in_hand[0].runner, in_hand[0].method), seconds)
             if in_hand is not None and outcome != RAN:  # else logged already (a corrupt job)
                 self._settle(index, job, in_hand[0], outcome, seconds)
             if self._unrecorded and (self.stopping or not self._pool.holding):
@@ -358,6 +359,8 @@ class Worker:
         if execution.cancelled(runner):
             client.delete(job)
             return CANCELLED
+        if self._unrecorded and not self._pace.quick((envelope.runner, envelope.method)):
+            self._record_rest()  # this one may take a while: their values wait for nothing
         finished = self._pool.pending_delete(self._index)
         try:
             with self._watching(client, job, runner, envelope, finished):

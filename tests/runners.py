@@ -120,3 +120,35 @@ class Constructed(Marks):
     def mark(self, index: int) -> list[Any]:
         assert self.built == os.getpid()
         return super().mark(index)
+
+
+class Batched(Runner):
+    """Quick jobs around one that takes its time: a worker asks for quick jobs in batches.
+
+    ``slow`` notes when it starts and ends in files named by its arguments; a
+    ``quick`` job given ``bad`` returns a value JSON cannot carry.
+    """
+
+    max_retries = 0
+
+    def run(self, before: int, after: int, flags: str = "", seconds: float = 0.0,
+            bad: int = -1) -> Any:
+        jobs = self.enqueue_each("quick", range(before), bad)
+        if flags:
+            jobs.append(self.enqueue("slow", flags, seconds))
+        jobs += self.enqueue_each("quick", range(before, before + after), bad)
+        return self.deferred_result("count", jobs)
+
+    def quick(self, index: int, bad: int) -> Any:
+        return {index} if index == bad else index
+
+    def slow(self, flags: str, seconds: float) -> int:
+        with open(flags + ".started", "w"):
+            pass
+        time.sleep(seconds)
+        with open(flags + ".ended", "w"):
+            pass
+        return -1
+
+    def count(self, values: list[Any]) -> int:
+        return len(values)

@@ -1,0 +1,72 @@
+"""Quick jobs in batches (packmule.pace): what a batch holds is never held for long or lost."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+from conftest import Workers, wait_until
+from runners import Batched
+
+import packmule
+from packmule.backends import backends
+from packmule.keepalive import KeepAlive
+from packmule.queue import connect
+
+
+@pytest.mark.timeout(30)
+def test_the_keepalive_hands_back_a_batchs_jobs_not_started_at_their_priorities(
+        env: dict[str, str]) -> None:
+    """A job of a batch that runs a while: the jobs held behind it go back to the tube."""
+    tube = env["PACKMULE_TUBE"]
+    client, other = (connect(backends().settings.beanstalkd[0], 5.0) for _ in range(2))
+    client.use(tube)
+    client.watch(tube)
+    client.ignore("default")
+    ids = [client.put(b"job", priority=priority) for priority in (5, 7, 9)]
+    in_hand, *held = (client.reserve(timeout=1) for _ in ids)
+    keepalive = KeepAlive()
+    waiting = deque(held)
+    with keepalive.watching(client, in_hand, 60, lambda: False, held=waiting):
+        wait_until(lambda: not waiting, timeout=5, what="the held jobs handed back")
+        states = {job_id: other.stats_job(job_id) for job_id in ids}
+    assert [states[job.id]["state"] for job in (in_hand, *held)] == [
+        "reserved", "ready", "ready"]
+    assert [int(states[job.id]["pri"]) for job in held] == [7, 9]
+    client.close()
+    other.close()
+
+
+@pytest.mark.timeout(90)
+def test_jobs_held_behind_a_job_that_runs_a_while_are_done_by_another_worker(
+        env: dict[str, str], workers: Workers, tmp_path: Path) -> None:
+    """One worker takes quick jobs in batches, one of which sleeps: a second worker, started
+    once it sleeps, does every quick job before it wakes (none waits in the first's batch)."""
+    flags = str(tmp_path / "slow")
+    workers.start("runners", 1)
+    runner = Batched("held")
+    runner.run_async(60, 40, flags, 8.0)
+    wait_until(lambda: Path(flags + ".started").exists(), timeout=30, what="the slow job")
+    workers.start("runners", 1)
+    wait_until(lambda: runner.update_progress().completed >= 100, timeout=30,
+               what="every quick job done")
+    assert not Path(flags + ".ended").exists(), "quick jobs waited for the slow one"
+    wait_until(lambda: runner.update_progress().finished, timeout=30, what="the run's end")
+    assert runner.get_return_value() == 101
+
+
+@pytest.mark.timeout(90)
+def test_a_value_that_cannot_be_recorded_fails_its_job_alone_in_a_batch(
+        env: dict[str, str], workers: Workers) -> None:
+    """Values of a batch are recorded in one write: one JSON cannot carry fails its job only."""
+    workers.start("runners", 1)
+    started = time.monotonic()
+    with pytest.raises(packmule.RunFailed) as caught:
+        Batched("unrecordable").run(150, 0, bad=120)
+    assert caught.value.method == "quick" and "cannot be recorded" in str(caught.value)
+    assert time.monotonic() - started < 60
+    progress = Batched("unrecordable").update_progress()
+    assert (progress.failed, progress.completed) == (1, 149)
+    assert Batched("after").run(150, 0) == 150, "the worker must go on"
