@@ -85,6 +85,7 @@ class Reservations:
         # and what that write asked besides: the last jobs' deletes, their attempts.
         self.held: deque[Job] = deque()
         self._prefetch_asked = 0
+        self._last_found = 0  # how many jobs the last prefetch found ready
         self._prefetch_deletes = 0
         self._prefetch_reports: list[Callable[[int], None]] | None = None
 
@@ -173,6 +174,9 @@ class Reservations:
             return False
         finished, self.finished = self.finished, []
         self._prefetch_reports = self._reporters(finished)
+        # A tube found (nearly) empty is asked for a little, then twice as much each time:
+        # each reserve beyond the jobs ready costs beanstalkd a pass of its loop.
+        count = min(count, 2 * self._last_found + 1)
         self._prefetch_deletes, self._prefetch_asked = len(finished), count
         with self._reserving[0]:  # an outage, whatever the job in hand does
             send_delete_then_reserve(client, [job.job_id for job in finished], 0,
@@ -182,9 +186,10 @@ class Reservations:
     def read_prefetch(self, client: Client) -> None:
         """Read the replies of :meth:`send_prefetch`: the next jobs, those that were ready."""
         with self._reserving[0]:
-            self.held.extend(read_delete_then_reserve(client, self._prefetch_deletes,
-                                                      self._prefetch_asked,
-                                                      attempts=self._prefetch_reports))
+            found = read_delete_then_reserve(client, self._prefetch_deletes, self._prefetch_asked,
+                                             attempts=self._prefetch_reports)
+        self._last_found = len(found)
+        self.held.extend(found)
 
     @property
     def holding(self) -> bool:
