@@ -15,12 +15,14 @@ as packmule's caller does. The value is ``time.time()`` when the job
 returns, so the caller can tell how long the fan-in took.
 
 The least any fan-out/fan-in over these two servers must do, with the
-fewest round trips the protocols allow: jobs are asked for 16 at a time
-(``reserve-with-timeout 0`` each, after one blocking reserve when none is
-in hand), the batch's values set (noreply) in one write with one decrement
+fewest round trips the protocols allow: jobs are asked for up to 16 at a
+time (``reserve-with-timeout 0`` each, after one blocking reserve when none
+is in hand; after a batch that found fewer ready, twice as many as it found
+plus one), the batch's values set (noreply) in one write with one decrement
 per run, the next batch asked for while memcached answers, and the batch's
 deletes sent with the next reserves (as packmule's worker does with quick
-jobs): a batch costs two round trips but one wait. No ids of its own, no
+jobs): a batch costs two round trips but one wait. The caller is woken on
+a connection of its own. No ids of its own, no
 retries, no idempotence, no progress, no failure handling. greenstalk and
 pymemcache open the connections; the hot commands are written by hand
 because neither library can send two commands in one write.
@@ -80,6 +82,11 @@ def main() -> None:
         return job_id, reader.read(int(size) + 2)[:-2]
 
     store = connect_memcached(memcached_port)
+    # The caller is woken on a connection of its own, so the wake-up never waits
+    # behind the reserves in flight (as packmule's worker wakes it through etcd).
+    waking = greenstalk.Client((HOST, beanstalkd_port), encoding=None, use=tube + "-done")
+    waking._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    found = 0  # how many jobs the last batch's reserves found ready
     finished = b""  # the deletes of the last batch, sent with the next reserves
     held: list[tuple[bytes, bytes]] = []  # the next batch, asked for while the last was recorded
     while jobs != 0:
@@ -102,18 +109,20 @@ def main() -> None:
         store.sendall(b"".join(sets) + b"".join(b"decr %b:left %d\r\n" % item
                                                  for item in runs.items()))
         if jobs != 0:  # the next batch, while memcached answers: one wait a batch
-            ask = BATCH if jobs < 0 else min(BATCH, jobs)
+            # (a tube found nearly empty is asked for a little, then twice as much)
+            ask = min(BATCH, 2 * found + 1, BATCH if jobs < 0 else jobs)
             send(finished + b"reserve-with-timeout 0\r\n" * ask)
         lefts = store.recv(256)
         while lefts.count(b"\r\n") < len(runs):
             lefts += store.recv(256)
+        for run, left in zip(runs, lefts.split(b"\r\n"), strict=False):
+            if left == b"0":
+                waking.put(run)
         if jobs != 0:
             read_deletes(reader, finished)
             finished = b""
             held = [job for job in (reserved() for _ in range(ask)) if job is not None]
-        for run, left in zip(runs, lefts.split(b"\r\n"), strict=False):
-            if left == b"0":
-                queue.put(run)
+            found = len(held)
         finished += b"".join(b"delete %b\r\n" % job_id for job_id, _ in batch)
     send(finished)
 

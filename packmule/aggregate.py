@@ -336,13 +336,18 @@ Completing = tuple[RunScope, int, str, Outcome]  # (its run, job, its batch, how
 def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
     """Complete several jobs (a worker's batch of quick jobs), their writes in one.
 
-    Each job's commands are those of :func:`_record_in_one_write`; what
-    follows for each (a twin's count taken back, its batch's waiters woken)
-    is :func:`complete`'s. memcached is woken once for the batch, not once
-    per job. A job whose write cannot share (a large value, keys spread over
-    a pool) is completed on its own. Returns, per job, the error
-    :func:`complete` would raise (EncodeError, ServerRefused: the job fails
-    for good) or None; an outage raises (every job is handed out again).
+    memcached is woken once for the batch, not once per job: each job's
+    outcome is added as :func:`_record_in_one_write` adds it, and the jobs
+    of one batch counting in one counter are counted together, one ``incr``
+    of the progress and one of the batch for all of them. Each job then
+    reads the batch count as if the jobs before it in the write had counted
+    one by one, so its waiters are woken once, as by single completions;
+    what follows for each (a twin's count taken back, waiters woken) is
+    :func:`complete`'s. A job whose write cannot share (a large value, keys
+    spread over a pool, a run's own method) is completed on its own.
+    Returns, per job, the error :func:`complete` would raise (EncodeError,
+    ServerRefused: the job fails for good) or None; an outage raises (every
+    job is handed out again).
     """
     writes: list[_Write | Exception | None] = []
     for scope, job, batch, outcome in completions:
@@ -350,27 +355,61 @@ def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
             writes.append(_completion_write(scope, job, batch, outcome))
         except EncodeError as err:
             writes.append(err)
-    commands = [command for write in writes if isinstance(write, _Write)
-                for command in write.commands]
-    store = completions[0][0].backends.store
-    replies = store.in_one_write(commands, refusals=True) if commands else None
+    shared = _shared_write(completions, writes)
     errors: list[Exception | None] = []
-    position = 0
-    for (scope, job, batch, outcome), write in zip(completions, writes, strict=True):
+    for position, ((scope, job, batch, outcome), write) in enumerate(zip(completions, writes,
+                                                                         strict=True)):
         if isinstance(write, Exception):
             errors.append(write)
             continue
         try:
             written = None
-            if write is not None and replies is not None:
-                position += write.asks
-                written = _written(scope, job, outcome, write, replies[position - write.asks:
-                                                                        position])
+            if write is not None and position in shared:
+                written = _written(scope, job, outcome, write, *shared[position])
             complete(scope, job, batch, outcome, written=written)
             errors.append(None)
         except (EncodeError, ServerRefused) as err:
             errors.append(err)
     return errors
+
+
+Said = Reply | ServerRefused  # a reply read with refusals in place (see Store.in_one_write)
+SharedReplies = tuple[Said, Said, Said | EllipsisType]
+
+
+def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | Exception | None],
+                  ) -> dict[int, SharedReplies]:
+    """Send the completions that can share one write; by position, (added, done, raw)."""
+    groups: dict[tuple[str | None, str, str | None], list[int]] = {}
+    adding: dict[int, Quiet | Ask] = {}
+    for position, write in enumerate(writes):
+        scope, job, batch = completions[position][:3]
+        if isinstance(write, _Write) and job != ROOT_JOB:
+            read = scope.keys.batch(batch) if write.read_batch else None
+            groups.setdefault((write.counter, scope.keys.batch_done(batch), read),
+                              []).append(position)
+            adding[position] = write.commands[0]
+    if not groups:
+        return {}
+    adds = [position for members in groups.values() for position in members]
+    commands = [adding[position] for position in adds]
+    for (counter, done_key, read), members in groups.items():
+        commands += [*([Quiet("incr", counter, len(members))] if counter else []),
+                     Ask("incr", done_key, len(members)), *([Ask("get", read)] if read else [])]
+    replies = completions[0][0].backends.store.in_one_write(commands, refusals=True)
+    if replies is None:
+        return {}
+    found: dict[int, SharedReplies] = {}
+    at = len(adds)
+    for position, added in zip(adds, replies, strict=False):
+        found[position] = (added, None, ...)
+    for (_, _, read), members in groups.items():
+        done, raw = replies[at], replies[at + 1] if read else ...
+        at += 2 if read else 1
+        for behind, position in enumerate(reversed(members)):
+            found[position] = (found[position][0],
+                               done - behind if isinstance(done, int) else done, raw)
+    return found
 
 
 def _complete_one(scope: RunScope, job: int, batch: str, outcome: Outcome,
@@ -405,8 +444,7 @@ class _Write:
     data: bytes  # the outcome as recorded
     counter: str | None  # the progress counter it counts in
     read_batch: bool  # whether the batch record is read (its size unknown yet)
-    commands: list[Quiet | Ask]
-    asks: int  # how many replies
+    commands: list[Quiet | Ask]  # the add first (see complete_all)
 
 
 def _completion_write(scope: RunScope, job: int, batch: str, outcome: Outcome) -> _Write | None:
@@ -420,23 +458,24 @@ def _completion_write(scope: RunScope, job: int, batch: str, outcome: Outcome) -
     counter = _counter(keys, outcome) if counts else None
     read_batch = batch not in scope.backends.batch_sizes
     return _Write(data, counter, read_batch,
-                  [Ask("add", key, data), *scope.completion_tail(batch, counter, read_batch)],
-                  3 if read_batch else 2)
+                  [Ask("add", key, data), *scope.completion_tail(batch, counter, read_batch)])
 
 
 def _written(scope: RunScope, job: int, outcome: Outcome, write: _Write,
-             replies: Sequence[Reply | ServerRefused]) -> Recorded:
-    """What ``write``'s ``replies`` say: the outcome that stands, counts made right.
+             added: Said, done: Said, raw: Said | EllipsisType) -> Recorded:
+    """What ``write``'s replies say (its add, its batch's count and record): the
+    outcome that stands, counts made right.
 
     Raises:
         ServerRefused: the outcome was refused (memcached full): it is not counted.
     """
-    added = replies[0]
     if isinstance(added, ServerRefused):
         if write.counter:
             scope.backends.store.decr_quietly(write.counter)
         raise added
-    done, raw = replies[1], replies[2] if write.read_batch else ...
+    for said in (done, raw):
+        if isinstance(said, ServerRefused):
+            raise said
     assert isinstance(done, int | None) and isinstance(raw, bytes | EllipsisType | None)
     if added:
         return outcome, None, done, raw
@@ -463,7 +502,8 @@ def _record_in_one_write(scope: RunScope, job: int, batch: str,
     replies = scope.backends.store.in_one_write(write.commands, refusals=True)
     if replies is None:
         return None
-    return _written(scope, job, outcome, write, replies)
+    return _written(scope, job, outcome, write, replies[0], replies[1],
+                    replies[2] if write.read_batch else ...)
 
 
 def _reconcile(scope: RunScope, job: int, outcome: Outcome, data: bytes, *,

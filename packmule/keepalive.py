@@ -14,16 +14,31 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import greenstalk
 
 from packmule.errors import JobCancelled, PackmuleError
 
 log = logging.getLogger("packmule.worker")
+_NOTHING_HELD: deque[greenstalk.Job[bytes]] = deque(maxlen=0)  # (never added to)
+
+
+class Done(Protocol):
+    """A finished job whose delete waits (packmule.reserving's Finished)."""
+
+    @property
+    def job_id(self) -> int: ...
+
+
+class Ran(Protocol):
+    """A job of a batch that ran, its value not recorded yet (packmule.worker's Unrecorded)."""
+
+    @property
+    def job(self) -> greenstalk.Job[bytes]: ...
 
 
 @dataclass
@@ -34,9 +49,9 @@ class _Watched:
     cancelled: Callable[[], bool]
     target: int
     due: float
-    delete: list[int]  # finished jobs still to delete on this connection
+    delete: Sequence[Done]  # finished jobs still to delete on this connection
     held: deque[greenstalk.Job[bytes]]  # jobs asked for with this one, not started yet
-    unrecorded: list[greenstalk.Job[bytes]]  # jobs run before it, recorded after it
+    unrecorded: Sequence[Ran]  # jobs run before it, recorded after it
 
 
 class KeepAlive:
@@ -75,19 +90,21 @@ class KeepAlive:
 
     def watching(self, client: greenstalk.Client[bytes], job: greenstalk.Job[bytes],
                  ttr_seconds: float, cancelled: Callable[[], bool], *,
-                 delete: list[int] | None = None,
+                 delete: Sequence[Done] = (),
                  held: deque[greenstalk.Job[bytes]] | None = None,
-                 unrecorded: list[greenstalk.Job[bytes]] | None = None) -> KeepAlive:
+                 unrecorded: Sequence[Ran] = ()) -> KeepAlive:
         """Keep ``job`` alive while the with-block this opens runs (see the class).
 
         ``ttr_seconds``: the shortest time-to-run of ``job`` and ``unrecorded``.
+        The sequences are the worker's own, read only here (and not changed
+        by the worker while the block runs): nothing is copied per job.
         A plain context manager, not @contextmanager's generator: one per job.
         """
         interval = max(0.5, ttr_seconds / 3)
         self.deleted = False
         self._watched = _Watched(client, job, interval, cancelled, threading.get_ident(),
-                                 time.monotonic() + interval, delete or [],
-                                 deque() if held is None else held, unrecorded or [])
+                                 time.monotonic() + interval, delete,
+                                 _NOTHING_HELD if held is None else held, unrecorded)
         return self
 
     def __enter__(self) -> None:
@@ -115,8 +132,9 @@ class KeepAlive:
                     watched.due = time.monotonic() + watched.interval
 
     def _delete(self, watched: _Watched) -> None:
-        deleting, watched.delete = watched.delete, []
-        for job_id in deleting:
+        deleting, watched.delete = watched.delete, ()
+        for done in deleting:
+            job_id = done.job_id
             try:
                 watched.client.delete(job_id)
             except greenstalk.NotFoundError:  # handed out again meanwhile, and done
@@ -140,8 +158,8 @@ class KeepAlive:
 
     def _touch(self, watched: _Watched) -> None:
         try:
-            for job in watched.unrecorded:
-                watched.client.touch(job)
+            for ran in watched.unrecorded:
+                watched.client.touch(ran.job)
             watched.client.touch(watched.job)
             if watched.cancelled():
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(

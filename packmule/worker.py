@@ -114,6 +114,7 @@ class Worker:
         self._started = 0.0  # when the job in hand was handed out (perf_counter)
         self._pace = Pace()
         self._unrecorded: list[Unrecorded] = []  # the batch's jobs run, values not recorded
+        self._unrecorded_ttr = math.inf  # their shortest time-to-run
         # For the registry's heartbeat thread, which reads them: plain assignments per job.
         self._in_hand: tuple[Envelope, float] | None = None  # the job and when it started
         self.done = 0
@@ -172,7 +173,7 @@ class Worker:
             except ServerError as err:
                 failures += 1
                 self._pool.close()  # the jobs it held, and those unrecorded, are handed out again
-                self._unrecorded.clear()
+                self._unrecorded, self._unrecorded_ttr = [], math.inf
                 pause = backoff_seconds(failures, base=0.2, cap=5.0)
                 log.warning("%s; retrying in %.1f s", err, pause)
                 time.sleep(pause)
@@ -384,6 +385,8 @@ class Worker:
         self._unrecorded.append(Unrecorded(self._index, job, runner, envelope, result,
                                            time.perf_counter() - self._started))
         if self._pool.holding and not self.stopping:
+            self._unrecorded_ttr = min(self._unrecorded_ttr,
+                                       runner.time_to_run or self.settings.ttr_seconds)
             return RAN  # recorded with the batch's next jobs
         return self._record_batch(client)
 
@@ -395,7 +398,7 @@ class Worker:
         and buried if its value cannot be recorded; the last one's outcome
         (DONE or FAILED) is returned.
         """
-        batch, self._unrecorded = self._unrecorded, []
+        batch, self._unrecorded, self._unrecorded_ttr = self._unrecorded, [], math.inf
         prefetching = not (self.stopping or self._in_child) and self._pool.send_prefetch(
             client, self._pace.batch())
         try:
@@ -428,16 +431,11 @@ class Worker:
                   envelope: Envelope, finished: list[Finished]) -> AbstractContextManager[Any]:
         """The keep-alive of the job in hand, and of its batch if it runs a while: deleting
         ``finished``, handing back the jobs not started, touching those unrecorded."""
-        ttr = runner.time_to_run or self.settings.ttr_seconds
-        unrecorded = self._unrecorded
-        if unrecorded:
-            ttr = min(ttr, *(item.runner.time_to_run or self.settings.ttr_seconds
-                             for item in unrecorded))
+        ttr = min(runner.time_to_run or self.settings.ttr_seconds, self._unrecorded_ttr)
         # The keep-alive thread must use its own connections: backends() there.
         return self._keepalive.watching(
             client, job, ttr, lambda: runs.job_cancelled(backends(), envelope.run, envelope.lease),
-            delete=[job.job_id for job in finished], held=self._pool.held,
-            unrecorded=[item.job for item in unrecorded])
+            delete=finished, held=self._pool.held, unrecorded=self._unrecorded)
 
     def _note_deleted(self, finished: list[Finished]) -> None:
         """Tell the pool if the keep-alive deleted ``finished`` while the job in hand ran."""

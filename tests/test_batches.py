@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Workers, wait_until
-from runners import Batched
+from runners import Batched, Driven
 
 import packmule
+from packmule import aggregate
 from packmule.backends import backends
 from packmule.keepalive import KeepAlive
+from packmule.outcome import Outcome
 from packmule.queue import connect
 
 
@@ -70,3 +73,29 @@ def test_a_value_that_cannot_be_recorded_fails_its_job_alone_in_a_batch(
     progress = Batched("unrecordable").update_progress()
     assert (progress.failed, progress.completed) == (1, 149)
     assert Batched("after").run(150, 0) == 150, "the worker must go on"
+
+
+def test_a_batch_of_completions_counts_each_job_once_in_one_write(env: dict[str, str]) -> None:
+    """A worker's batch is completed in one memcached write, the jobs of one batch counted
+    together; a job in it twice (a redelivered twin) still counts once, and the aggregate
+    over them fires with every value."""
+    seen: dict[str, int] = {}
+
+    def complete_in_one_batch(runner: Driven) -> Any:
+        refs = [runner.enqueue("echo", [number, 0]) for number in range(6)]
+        assert runner._context is not None
+        scope = runner._context.scope
+        done = [(scope, ref.number, ref.batch, Outcome.done(number))
+                for number, ref in enumerate(refs[:5])]
+        before = scope.backends.store.round_trips
+        assert aggregate.complete_all([*done, done[2]]) == [None] * 6
+        seen["round trips"] = scope.backends.store.round_trips - before
+        seen["completed"] = runner.update_progress().completed
+        aggregate.complete(scope, refs[5].number, refs[5].batch, Outcome.done(5))
+        return runner.deferred_result("total", refs)
+
+    assert Driven("one-write").run(complete_in_one_batch) == 15
+    # the write; the twin's read of the record, and its count taken back
+    assert seen == {"round trips": 3, "completed": 5}
+    progress = Driven("one-write").update_progress()
+    assert (progress.completed, progress.failed, progress.state) == (7, 0, "done")  # 6 + aggregate
