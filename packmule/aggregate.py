@@ -381,18 +381,22 @@ def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | E
                   ) -> dict[int, SharedReplies]:
     """Send the completions that can share one write; by position, (added, done, raw)."""
     groups: dict[tuple[str | None, str, str | None], list[int]] = {}
-    adding: dict[int, Quiet | Ask] = {}
+    adding: dict[int, Ask] = {}
+    batch_keys: dict[tuple[str, str, bool], tuple[str, str | None]] = {}  # (done, read) keys
     for position, write in enumerate(writes):
-        scope, job, batch = completions[position][:3]
-        if isinstance(write, _Write) and job != ROOT_JOB:
-            read = scope.keys.batch(batch) if write.read_batch else None
-            groups.setdefault((write.counter, scope.keys.batch_done(batch), read),
-                              []).append(position)
-            adding[position] = write.commands[0]
+        scope, job, batch, _ = completions[position]
+        if type(write) is _Write and job != ROOT_JOB:
+            keys = batch_keys.get((scope.run, batch, write.read_batch))
+            if keys is None:
+                keys = batch_keys[scope.run, batch, write.read_batch] = (
+                    scope.keys.batch_done(batch),
+                    scope.keys.batch(batch) if write.read_batch else None)
+            groups.setdefault((write.counter, *keys), []).append(position)
+            adding[position] = Ask("add", write.key, write.data)
     if not groups:
         return {}
     adds = [position for members in groups.values() for position in members]
-    commands = [adding[position] for position in adds]
+    commands: list[Quiet | Ask] = [adding[position] for position in adds]
     for (counter, done_key, read), members in groups.items():
         commands += [*([Quiet("incr", counter, len(members))] if counter else []),
                      Ask("incr", done_key, len(members)), *([Ask("get", read)] if read else [])]
@@ -439,16 +443,17 @@ def _counts(scope: RunScope, job: int) -> bool:
 
 @dataclass(slots=True)
 class _Write:
-    """A completion's commands for :meth:`Store.in_one_write`, and how to read its replies."""
+    """What a completion's write says (see :meth:`Store.in_one_write`), and how to read
+    its replies."""
 
+    key: str  # the job's record
     data: bytes  # the outcome as recorded
     counter: str | None  # the progress counter it counts in
     read_batch: bool  # whether the batch record is read (its size unknown yet)
-    commands: list[Quiet | Ask]  # the add first (see complete_all)
 
 
 def _completion_write(scope: RunScope, job: int, batch: str, outcome: Outcome) -> _Write | None:
-    """The one write that records, counts and reads ``job``'s completion (see
+    """What the one write that records, counts and reads ``job``'s completion says (see
     :func:`_record_in_one_write`); None if its outcome is too large for it."""
     store, keys = scope.backends.store, scope.keys
     key, counts = keys.job(job), _counts(scope, job)
@@ -456,9 +461,7 @@ def _completion_write(scope: RunScope, job: int, batch: str, outcome: Outcome) -
     if len(data) > 1000 and len(data) > store.value_limit(key):
         return None
     counter = _counter(keys, outcome) if counts else None
-    read_batch = batch not in scope.backends.batch_sizes
-    return _Write(data, counter, read_batch,
-                  [Ask("add", key, data), *scope.completion_tail(batch, counter, read_batch)])
+    return _Write(key, data, counter, batch not in scope.backends.batch_sizes)
 
 
 def _written(scope: RunScope, job: int, outcome: Outcome, write: _Write,
@@ -499,7 +502,9 @@ def _record_in_one_write(scope: RunScope, job: int, batch: str,
     write = _completion_write(scope, job, batch, outcome)
     if write is None:
         return None
-    replies = scope.backends.store.in_one_write(write.commands, refusals=True)
+    commands = [Ask("add", write.key, write.data),
+                *scope.completion_tail(batch, write.counter, write.read_batch)]
+    replies = scope.backends.store.in_one_write(commands, refusals=True)
     if replies is None:
         return None
     return _written(scope, job, outcome, write, replies[0], replies[1],

@@ -29,11 +29,16 @@ class Pace:
         self._methods: dict[tuple[str, str], float] = {}  # the same, per (runner, method)
 
     def ran(self, method: tuple[str, str], seconds: float) -> None:
-        """A job of ``method`` took ``seconds``: slow ones count at once, quick ones gradually."""
-        self.seconds = _estimate(self.seconds, seconds)
-        if len(self._methods) >= 10_000:
+        """A job of ``method`` took ``seconds``: slow ones count at once, quick ones gradually.
+
+        (The estimate, inline: this runs once per job.)
+        """
+        self.seconds = max(seconds, 0.8 * self.seconds + 0.2 * seconds)
+        known = self._methods.get(method)
+        if known is None and len(self._methods) >= 10_000:
             self._methods.clear()
-        self._methods[method] = _estimate(self._methods.get(method, seconds), seconds)
+        self._methods[method] = seconds if known is None else max(seconds,
+                                                                  0.8 * known + 0.2 * seconds)
 
     def quick(self, method: tuple[str, str]) -> bool:
         """Whether jobs of ``method`` have been quick: one may run before the values of its
@@ -44,7 +49,3 @@ class Pace:
         """How many jobs to ask for next."""
         return max(1, min(self.MOST, int(self.HORIZON / max(self.seconds, 1e-6))))
 
-
-def _estimate(last: float, seconds: float) -> float:
-    """A running estimate of job time: up at once to a slow job, down gradually."""
-    return max(seconds, 0.8 * last + 0.2 * seconds)
