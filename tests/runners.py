@@ -152,3 +152,21 @@ class Batched(Runner):
 
     def count(self, values: list[Any]) -> int:
         return len(values)
+
+
+class Stalling(Runner):
+    """Quick jobs, one of which stalls on its first run (it notes that in ``flags``.started)."""
+
+    def run(self, count: int, stall_at: int, flags: str) -> Any:
+        return self.deferred_result("count", self.enqueue_each("step", range(count), stall_at,
+                                                               flags))
+
+    def step(self, index: int, stall_at: int, flags: str) -> int:
+        if index == stall_at and not os.path.exists(flags + ".started"):
+            with open(flags + ".started", "w"):
+                pass
+            time.sleep(60)
+        return index
+
+    def count(self, values: list[int]) -> int:
+        return len(set(values))

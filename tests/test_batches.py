@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import Workers, wait_until
-from runners import Batched, Driven
+from runners import Batched, Driven, Stalling
 
 import packmule
 from packmule import aggregate
@@ -58,6 +58,24 @@ def test_jobs_held_behind_a_job_that_runs_a_while_are_done_by_another_worker(
     assert not Path(flags + ".ended").exists(), "quick jobs waited for the slow one"
     wait_until(lambda: runner.update_progress().finished, timeout=30, what="the run's end")
     assert runner.get_return_value() == 101
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_mid_batch_hands_its_batch_out_again_and_each_job_counts_once(
+        env: dict[str, str], workers: Workers, tmp_path: Path) -> None:
+    """kill -9 while a job of a batch stalls: the values run before it were not recorded
+    yet, nor its jobs deleted; another worker runs them again, and the run ends exact."""
+    flags = str(tmp_path / "stall")
+    (first,) = workers.start("runners", 1)
+    runner = Stalling("killed-mid-batch")
+    runner.run_async(200, 150, flags)
+    wait_until(lambda: Path(flags + ".started").exists(), timeout=30, what="the stalled job")
+    workers.kill9(first)
+    workers.start("runners", 1)
+    wait_until(lambda: runner.update_progress().finished, timeout=60, what="the run's end")
+    assert runner.get_return_value() == 200
+    progress = runner.update_progress()
+    assert (progress.completed, progress.failed, progress.state) == (201, 0, "done")
 
 
 @pytest.mark.timeout(90)
