@@ -93,6 +93,9 @@ class Settings:
     server_grace_seconds: float = 15.0
     # Workers cache a run's "cancelled" flag this long, to keep it off the per-job path.
     cancel_check_seconds: float = 0.5
+    # A worker whose jobs are quick asks for up to this many at once, and records
+    # their values in one write (see packmule.pace); 1: one job at a time.
+    batch_jobs: int = 16
     # Signing (see README "Security"). Shared secrets: the first signs every job
     # body (HMAC-SHA256), any of them verifies, so a new one can be rolled in
     # before the old one is dropped. In the environment, comma-separated. Empty:
@@ -222,6 +225,8 @@ def _check(settings: Settings) -> Settings:
         raise ConfigurationError(f"ttr_seconds: {settings.ttr_seconds} is below 2 s")
     if settings.worker_ttl_seconds < 2:
         raise ConfigurationError(f"worker_ttl_seconds: {settings.worker_ttl_seconds} is below 2 s")
+    if not 1 <= settings.batch_jobs <= 256:
+        raise ConfigurationError(f"batch_jobs: {settings.batch_jobs} is not between 1 and 256")
     if settings.state_ttl_seconds > 30 * 24 * 3600:
         raise ConfigurationError("state_ttl_seconds: memcached allows at most 30 days")
     if settings.secret and settings.secret_file:

@@ -22,9 +22,9 @@ class Pace:
     """The running estimate of one worker's job time, and the batch it allows."""
 
     HORIZON = 0.002  # seconds of work a batch may hold
-    MOST = 16  # jobs in a batch at most: holding more saves little
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = 16) -> None:
+        self.most = most  # jobs in a batch at most (settings' batch_jobs): more saves little
         self.seconds = self.HORIZON  # a new worker asks for one job at a time
         self._methods: dict[tuple[str, str], float] = {}  # the same, per (runner, method)
 
@@ -47,5 +47,5 @@ class Pace:
 
     def batch(self) -> int:
         """How many jobs to ask for next."""
-        return max(1, min(self.MOST, int(self.HORIZON / max(self.seconds, 1e-6))))
+        return max(1, min(self.most, int(self.HORIZON / max(self.seconds, 1e-6))))
 

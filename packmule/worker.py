@@ -112,7 +112,7 @@ class Worker:
         self._index = 0  # pool index of the server the job in hand came from
         self._attempt: int | None = None  # the job in hand's, once known
         self._started = 0.0  # when the job in hand was handed out (perf_counter)
-        self._pace = Pace()
+        self._pace = Pace(self.settings.batch_jobs)
         self._unrecorded: list[Unrecorded] = []  # the batch's jobs run, values not recorded
         self._unrecorded_ttr = math.inf  # their shortest time-to-run
         # For the registry's heartbeat thread, which reads them: plain assignments per job.

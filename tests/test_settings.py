@@ -99,3 +99,11 @@ def test_good_server_urls_still_read(clean_environment: pytest.MonkeyPatch) -> N
                              "beanstalk://a:1, beanstalkd://b/ ,tcp://c:3,d:4,e")
     assert config.settings().beanstalkd == (("a", 1), ("b", 11300), ("c", 3), ("d", 4),
                                             ("e", 11300))
+
+
+@pytest.mark.parametrize("value", ["0", "257", "-1"])
+def test_a_batch_size_out_of_range_is_refused(clean_environment: pytest.MonkeyPatch,
+                                              value: str) -> None:
+    clean_environment.setenv("PACKMULE_BATCH_JOBS", value)
+    with pytest.raises(packmule.ConfigurationError, match=f"batch_jobs: {value} is not between"):
+        config.settings()
