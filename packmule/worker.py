@@ -265,6 +265,8 @@ class Worker:
         except BaseException as err:  # a runner this worker cannot run: another may
             return self._unrunnable(client, job, envelope, err)
         try:
+            if self._unrecorded and not self._pace.quick((envelope.runner, envelope.method)):
+                self._record_rest()  # this one may take a while: their values wait for nothing
             if runner.time_limit and self._forks is not None:
                 return self._execute_limited(client, job, runner, envelope)
             return self._execute(client, job, runner, envelope)
@@ -360,8 +362,6 @@ class Worker:
         if execution.cancelled(runner):
             client.delete(job)
             return CANCELLED
-        if self._unrecorded and not self._pace.quick((envelope.runner, envelope.method)):
-            self._record_rest()  # this one may take a while: their values wait for nothing
         finished = self._pool.pending_delete(self._index)
         try:
             with self._watching(client, job, runner, envelope, finished):
