@@ -41,11 +41,10 @@ class Pace:
                                                                   0.8 * known + 0.2 * seconds)
 
     def quick(self, method: tuple[str, str]) -> bool:
-        """Whether jobs of ``method`` have been quick: one may run before the values of its
-        batch run before it are recorded."""
+        """Whether jobs of ``method`` have been quick: such a job runs before the values of
+        the jobs of its batch run before it are recorded (else they are recorded first)."""
         return self._methods.get(method, self.HORIZON + 1) <= self.HORIZON
 
     def batch(self) -> int:
         """How many jobs to ask for next."""
         return max(1, min(self.most, int(self.HORIZON / max(self.seconds, 1e-6))))
-

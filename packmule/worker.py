@@ -179,7 +179,7 @@ class Worker:
                 time.sleep(pause)
         with suppress(ServerError):
             if self._unrecorded:  # stopped between a batch's jobs
-                self._record_rest()
+                self._record_rest(prefetch=False)
             self._pool.delete_finished()
         if self._pool.holding:  # a job asked for, never started: back to the tube
             self._pool.close()
@@ -206,18 +206,18 @@ class Worker:
             if in_hand is not None:
                 self._pace.ran((in_hand[0].runner, in_hand[0].method), seconds)
             if in_hand is not None and outcome != RAN:  # else logged already (a corrupt job)
-                self._settle(index, job, in_hand[0], outcome, seconds)
+                self._settle(index, job, in_hand[0], outcome, seconds, self._attempt)
             if self._unrecorded and (self.stopping or not self._pool.holding):
-                self._record_rest()  # the batch's last job was not a value
+                self._record_rest(prefetch=True)  # the batch's last job was not a value
         return True
 
     def _settle(self, index: int, job: greenstalk.Job[bytes], envelope: Envelope, outcome: str,
-                seconds: float) -> None:
+                seconds: float, attempt: int | None = None) -> None:
         """A job handled: DONE, its delete waits for the next write; else it is reported."""
         if outcome == DONE:
             self._pool.done(Finished(index, job.id, envelope, seconds))
         else:
-            self._report(envelope, outcome, seconds, self._attempt)
+            self._report(envelope, outcome, seconds, attempt)
 
     def _report(self, envelope: Envelope, outcome: str, seconds: float,
                 attempt: int | None) -> None:
@@ -266,7 +266,9 @@ class Worker:
             return self._unrunnable(client, job, envelope, err)
         try:
             if self._unrecorded and not self._pace.quick((envelope.runner, envelope.method)):
-                self._record_rest()  # this one may take a while: their values wait for nothing
+                # This one may take a while: their values wait for nothing, and no more
+                # jobs are asked for to wait behind it.
+                self._record_rest(prefetch=False)
             if runner.time_limit and self._forks is not None:
                 return self._execute_limited(client, job, runner, envelope)
             return self._execute(client, job, runner, envelope)
@@ -388,19 +390,19 @@ class Worker:
             self._unrecorded_ttr = min(self._unrecorded_ttr,
                                        runner.time_to_run or self.settings.ttr_seconds)
             return RAN  # recorded with the batch's next jobs
-        return self._record_batch(client)
+        return self._record_batch(client, prefetch=True)
 
-    def _record_batch(self, client: greenstalk.Client[bytes]) -> str:
+    def _record_batch(self, client: greenstalk.Client[bytes], *, prefetch: bool) -> str:
         """Record the values of the jobs run since the last write, in one write.
 
-        The next jobs are asked for while memcached records them (see
-        reserving). Each job but the last is settled here: done, or failed
-        and buried if its value cannot be recorded; the last one's outcome
-        (DONE or FAILED) is returned.
+        With ``prefetch``, the next jobs are asked for while memcached
+        records them (see reserving). Each job but the last is settled here:
+        done, or failed and buried if its value cannot be recorded; the last
+        one's outcome (DONE or FAILED) is returned.
         """
         batch, self._unrecorded, self._unrecorded_ttr = self._unrecorded, [], math.inf
-        prefetching = not (self.stopping or self._in_child) and self._pool.send_prefetch(
-            client, self._pace.batch())
+        prefetching = prefetch and not (self.stopping or self._in_child) and \
+            self._pool.send_prefetch(client, self._pace.batch())
         try:
             errors = execution.record_all([(item.runner, item.envelope, item.result)
                                            for item in batch])
@@ -414,10 +416,11 @@ class Worker:
                 self._settle(item.index, item.job, item.envelope, outcome, item.seconds)
         return outcome
 
-    def _record_rest(self) -> None:
-        """Record the batch's values when its last job ended otherwise (failed, parked...)."""
+    def _record_rest(self, *, prefetch: bool) -> None:
+        """Record the batch's values run so far: its last job ended otherwise (failed,
+        parked...), or the next one may take a while, or the worker stops."""
         last = self._unrecorded[-1]
-        outcome = self._record_batch(self._pool.client(last.index))
+        outcome = self._record_batch(self._pool.client(last.index), prefetch=prefetch)
         self._settle(last.index, last.job, last.envelope, outcome, last.seconds)
 
     def _unrecordable(self, client: greenstalk.Client[bytes], item: Unrecorded,
