@@ -314,7 +314,14 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
     JobRef), which can complete theirs: they are worked off a list, never by
     recursion, so a chain of any depth costs no stack.
     """
-    pending: list[Completion] = [(job, batch, outcome)]
+    recorded = _work_off(scope, [(job, batch, outcome)], written)
+    assert recorded is not None
+    return recorded
+
+
+def _work_off(scope: RunScope, pending: list[Completion],
+              written: Recorded | None = None) -> Outcome | None:
+    """Complete ``pending`` and the chained completions they lead to; the first's outcome."""
     done: set[int] = set()  # a job woken twice here (a waiter's copies) completes once
     recorded: Outcome | None = None
     while pending:
@@ -325,7 +332,6 @@ def complete(scope: RunScope, job: int, batch: str, outcome: Outcome, *,
         effective = _complete_one(scope, *completion, pending, written)
         written = None
         recorded = recorded or effective
-    assert recorded is not None
     return recorded
 
 
@@ -339,15 +345,16 @@ def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
     memcached is woken once for the batch, not once per job: each job's
     outcome is added as :func:`_record_in_one_write` adds it, and the jobs
     of one batch counting in one counter are counted together, one ``incr``
-    of the progress and one of the batch for all of them. Each job then
-    reads the batch count as if the jobs before it in the write had counted
-    one by one, so its waiters are woken once, as by single completions;
-    what follows for each (a twin's count taken back, waiters woken) is
-    :func:`complete`'s. A job whose write cannot share (a large value, keys
-    spread over a pool, a run's own method) is completed on its own.
-    Returns, per job, the error :func:`complete` would raise (EncodeError,
-    ServerRefused: the job fails for good) or None; an outage raises (every
-    job is handed out again).
+    of the progress and one of the batch for all of them. When each of them
+    recorded its outcome first (the rule), the batch's waiters are looked at
+    once, with the count after the last, as that job's own completion would
+    have; otherwise each job reads the count as if those before it in the
+    write had counted one by one, and what follows for each (a twin's count
+    taken back, waiters woken) is :func:`complete`'s. A job whose write
+    cannot share (a large value, keys spread over a pool, a run's own
+    method) is completed on its own. Returns, per job, the error
+    :func:`complete` would raise (EncodeError, ServerRefused: the job fails
+    for good) or None; an outage raises (every job is handed out again).
     """
     writes: list[_Write | Exception | None] = []
     for scope, job, batch, outcome in completions:
@@ -355,31 +362,42 @@ def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
             writes.append(_completion_write(scope, job, batch, outcome))
         except EncodeError as err:
             writes.append(err)
-    shared = _shared_write(completions, writes)
-    errors: list[Exception | None] = []
+    replies, firsts = _shared_write(completions, writes)
+    errors: list[Exception | None] = [None] * len(completions)
+    for members, done, raw in firsts:  # the rule first: it wakes the waiters soonest
+        scope, job, batch, _ = completions[members[-1]]
+        try:
+            _work_off(scope, _notify(scope, job, batch, done, raw))
+        except (EncodeError, ServerRefused) as err:  # a chained job's, as complete() raises
+            errors[members[-1]] = err
     for position, ((scope, job, batch, outcome), write) in enumerate(zip(completions, writes,
                                                                          strict=True)):
         if isinstance(write, Exception):
-            errors.append(write)
-            continue
-        try:
-            written = None
-            if write is not None and position in shared:
-                written = _written(scope, job, outcome, write, *shared[position])
-            complete(scope, job, batch, outcome, written=written)
-            errors.append(None)
-        except (EncodeError, ServerRefused) as err:
-            errors.append(err)
+            errors[position] = write
+        elif position not in replies or replies[position] is not FIRST:
+            try:
+                written = None if write is None or position not in replies else _written(
+                    scope, job, outcome, write, *replies[position])
+                complete(scope, job, batch, outcome, written=written)
+            except (EncodeError, ServerRefused) as err:
+                errors[position] = err
     return errors
 
 
 Said = Reply | ServerRefused  # a reply read with refusals in place (see Store.in_one_write)
 SharedReplies = tuple[Said, Said, Said | EllipsisType]
+FIRST: SharedReplies = (True, None, ...)  # (in place of a job's replies: notified by batch)
+Firsts = list[tuple[list[int], int | None, bytes | EllipsisType | None]]
 
 
 def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | Exception | None],
-                  ) -> dict[int, SharedReplies]:
-    """Send the completions that can share one write; by position, (added, done, raw)."""
+                  ) -> tuple[dict[int, SharedReplies], Firsts]:
+    """Send the completions that can share one write.
+
+    Returns each one's replies by position, (added, done, raw), and the
+    groups (positions, done, raw) of a batch counter whose jobs all recorded
+    their outcome first: their replies are :data:`FIRST`.
+    """
     groups: dict[tuple[str | None, str, str | None], list[int]] = {}
     adding: dict[int, Ask] = {}
     batch_keys: dict[tuple[str, str, bool], tuple[str, str | None]] = {}  # (done, read) keys
@@ -394,7 +412,7 @@ def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | E
             groups.setdefault((write.counter, *keys), []).append(position)
             adding[position] = Ask("add", write.key, write.data)
     if not groups:
-        return {}
+        return {}, []
     adds = [position for members in groups.values() for position in members]
     commands: list[Quiet | Ask] = [adding[position] for position in adds]
     for (counter, done_key, read), members in groups.items():
@@ -402,18 +420,24 @@ def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | E
                      Ask("incr", done_key, len(members)), *([Ask("get", read)] if read else [])]
     replies = completions[0][0].backends.store.in_one_write(commands, refusals=True)
     if replies is None:
-        return {}
+        return {}, []
+    added = dict(zip(adds, replies, strict=False))
     found: dict[int, SharedReplies] = {}
+    firsts: Firsts = []
     at = len(adds)
-    for position, added in zip(adds, replies, strict=False):
-        found[position] = (added, None, ...)
     for (_, _, read), members in groups.items():
         done, raw = replies[at], replies[at + 1] if read else ...
         at += 2 if read else 1
+        if (all(added[position] is True for position in members)
+                and not isinstance(done, ServerRefused | bool | bytes)
+                and not isinstance(raw, ServerRefused | bool | int)):
+            firsts.append((members, done, raw))
+            found.update(dict.fromkeys(members, FIRST))
+            continue
         for behind, position in enumerate(reversed(members)):
-            found[position] = (found[position][0],
+            found[position] = (added[position],
                                done - behind if isinstance(done, int) else done, raw)
-    return found
+    return found, firsts
 
 
 def _complete_one(scope: RunScope, job: int, batch: str, outcome: Outcome,
