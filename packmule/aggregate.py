@@ -363,6 +363,7 @@ def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
         except EncodeError as err:
             writes.append(err)
     replies, firsts = _shared_write(completions, writes)
+    notified = {position for members, _, _ in firsts for position in members}
     errors: list[Exception | None] = [None] * len(completions)
     for members, done, raw in firsts:  # the rule first: it wakes the waiters soonest
         scope, job, batch, _ = completions[members[-1]]
@@ -374,7 +375,7 @@ def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
                                                                          strict=True)):
         if isinstance(write, Exception):
             errors[position] = write
-        elif position not in replies or replies[position] is not FIRST:
+        elif position not in notified:
             try:
                 written = None if write is None or position not in replies else _written(
                     scope, job, outcome, write, *replies[position])
@@ -386,7 +387,6 @@ def complete_all(completions: Sequence[Completing]) -> list[Exception | None]:
 
 Said = Reply | ServerRefused  # a reply read with refusals in place (see Store.in_one_write)
 SharedReplies = tuple[Said, Said, Said | EllipsisType]
-FIRST: SharedReplies = (True, None, ...)  # (in place of a job's replies: notified by batch)
 Firsts = list[tuple[list[int], int | None, bytes | EllipsisType | None]]
 
 
@@ -394,9 +394,9 @@ def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | E
                   ) -> tuple[dict[int, SharedReplies], Firsts]:
     """Send the completions that can share one write.
 
-    Returns each one's replies by position, (added, done, raw), and the
-    groups (positions, done, raw) of a batch counter whose jobs all recorded
-    their outcome first: their replies are :data:`FIRST`.
+    Returns the replies by position, (added, done, raw), of the jobs to
+    complete one by one, and the groups (positions, done, raw) of a batch
+    counter whose jobs all recorded their outcome first.
     """
     groups: dict[tuple[str | None, str, str | None], list[int]] = {}
     adding: dict[int, Ask] = {}
@@ -432,7 +432,6 @@ def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | E
                 and not isinstance(done, ServerRefused | bool | bytes)
                 and not isinstance(raw, ServerRefused | bool | int)):
             firsts.append((members, done, raw))
-            found.update(dict.fromkeys(members, FIRST))
             continue
         for behind, position in enumerate(reversed(members)):
             found[position] = (added[position],

@@ -140,11 +140,7 @@ class Reservations:
             return
         index = finished[0].index
         with naming(self.names[index], "delete"):
-            client = self._clients[index]
-            reports = self._reporters(finished)
-            send_delete_then_reserve(client, [job.job_id for job in finished], None,
-                                     stats=reports is not None)
-            read_delete_then_reserve(client, len(finished), 0, attempts=reports)
+            self._delete_then_reserve(self._clients[index], finished, None)
 
     def pending_delete(self, index: int) -> list[Finished]:
         """The jobs done whose deletes still wait on server ``index``'s connection."""
@@ -211,6 +207,16 @@ class Reservations:
                 client.close()
         self._clients.clear()
 
+    def _delete_then_reserve(self, client: Client, finished: list[Finished],
+                             timeout: int | None) -> Job | None:
+        """Delete ``finished`` and, unless ``timeout`` is None, reserve a job: one write."""
+        reports = self._reporters(finished)
+        send_delete_then_reserve(client, [job.job_id for job in finished], timeout,
+                                 stats=reports is not None)
+        jobs = read_delete_then_reserve(client, len(finished), 0 if timeout is None else 1,
+                                        attempts=reports)
+        return jobs[0] if jobs else None
+
     def _reporters(self, finished: list[Finished]) -> list[Callable[[int], None]] | None:
         """What to call with each done job's attempt, read along with its delete.
 
@@ -253,11 +259,7 @@ class Reservations:
         finished = self.pending_delete(index)
         if finished:
             self.finished = []
-            reports = self._reporters(finished)
-            send_delete_then_reserve(client, [job.job_id for job in finished], timeout,
-                                     stats=reports is not None)
-            jobs = read_delete_then_reserve(client, len(finished), 1, attempts=reports)
-            return jobs[0] if jobs else None
+            return self._delete_then_reserve(client, finished, timeout)
         self.delete_finished()
         try:
             return client.reserve(timeout=timeout)
