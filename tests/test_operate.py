@@ -48,6 +48,11 @@ def _failed_run(env: dict[str, str], workers: Workers, tmp_path: Path, name: str
     run = Flaky(name).run_async(5, 2).run
     wait_until(lambda: Flaky(name).update_progress().state == "failed", timeout=30,
                what=f"run {name} to fail")
+    # The run reads failed once job 3's failure is recorded; its root job may still be
+    # parking the aggregate (delayed) then, on another worker.
+    tube = env["PACKMULE_TUBE"]
+    wait_until(lambda: _counts(backends().queue.tube_stats(0, tube))[2:4] == (1, 1),
+               timeout=30, what="job 3 buried and the aggregate parked")
     return run
 
 
