@@ -418,7 +418,7 @@ def _shared_write(completions: Sequence[Completing], writes: Sequence[_Write | E
     for (counter, done_key, read), members in groups.items():
         commands += [*([Quiet("incr", counter, len(members))] if counter else []),
                      Ask("incr", done_key, len(members)), *([Ask("get", read)] if read else [])]
-    replies = completions[0][0].backends.store.in_one_write(commands, refusals=True)
+    replies = completions[0][0].backends.store.in_one_write(commands)
     if replies is None:
         return {}, []
     added = dict(zip(adds, replies, strict=False))
@@ -527,7 +527,7 @@ def _record_in_one_write(scope: RunScope, job: int, batch: str,
         return None
     commands = [Ask("add", write.key, write.data),
                 *scope.completion_tail(batch, write.counter, write.read_batch)]
-    replies = scope.backends.store.in_one_write(commands, refusals=True)
+    replies = scope.backends.store.in_one_write(commands)
     if replies is None:
         return None
     return _written(scope, job, outcome, write, replies[0], replies[1],

@@ -167,10 +167,8 @@ def _chunks(template: BodyTemplate, numbers: range, args: Sequence[bytes], enque
 
 def refs(scope: RunScope, first: int, count: int, batch: str) -> list[JobRef]:
     """The JobRefs of jobs ``first``... ``first + count - 1`` of ``batch``, in order."""
-    queue, run = scope.backends.queue, scope.run
-    if len(queue.names) == 1:
-        server = queue.names[0]
+    queue = scope.backends.queue
+    if len(queue.names) == 1:  # one server: no lookup per job
+        server, run = queue.names[0], scope.run
         return [JobRef(number, server, run, batch) for number in range(first, first + count)]
-    names = queue.names
-    return [JobRef(number, names[queue.server_for(number)], run, batch)
-            for number in range(first, first + count)]
+    return [scope.ref(number, batch) for number in range(first, first + count)]

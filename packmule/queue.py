@@ -99,31 +99,33 @@ def _wire(client: greenstalk.Client[bytes]) -> tuple[socket.socket, io.BufferedR
     return client._sock, client._reader
 
 
-def delete_then_reserve(client: greenstalk.Client[bytes], job_id: int | None, timeout: int | None,
-                        *, reserves: Callable[[int], None] | None = None) -> greenstalk.Job[bytes] | None:
-    """Delete a finished job and reserve the next one in a single write.
+def delete_then_reserve(client: greenstalk.Client[bytes], job_ids: Sequence[int],
+                        timeout: int | None, *,
+                        attempts: Sequence[Callable[[int], None]] | None = None
+                        ) -> greenstalk.Job[bytes] | None:
+    """Delete finished jobs and reserve the next one in a single write.
 
     A worker would otherwise wait for ``DELETED`` before asking for its next
-    job: one round trip per job saved, and beanstalkd often answers both in
+    job: one round trip per job saved, and beanstalkd often answers all in
     one packet. Returns None if no job came within ``timeout`` seconds (or,
-    with ``timeout`` None, only deletes; with ``job_id`` None, only reserves).
-    A job already gone (``NOT_FOUND``) is fine: it was handed out again after
-    its time-to-run and its other execution deleted it.
+    with ``timeout`` None, only deletes). A job already gone (``NOT_FOUND``)
+    is fine: it was handed out again after its time-to-run and its other
+    execution deleted it.
 
-    With ``reserves``, a ``stats-job`` goes first in the same write, and
-    ``reserves`` is called with how many times the job was reserved (its
-    attempt; 0 if it was gone) as soon as that reply is in, before the wait
-    for the next job: the worker's log line of the job, without a round trip
-    of its own (greenstalk's ``stats_job`` costs about half a job).
+    With ``attempts`` (one per job), a ``stats-job`` goes before each delete
+    in the same write, and each is called with how many times its job was
+    reserved (its attempt; 0 if it was gone) as soon as that reply is in,
+    before the wait for the next job: the worker's log line of the job,
+    without a round trip of its own (greenstalk's ``stats_job`` costs about
+    half a job).
 
     :func:`send_delete_then_reserve` and :func:`read_delete_then_reserve`
-    are its two halves, for a worker that does something else in between,
-    deleting several jobs and asking for several.
+    are its two halves, for a worker that does something else in between
+    and asks for several jobs.
     """
-    deleting = [] if job_id is None else [job_id]
-    send_delete_then_reserve(client, deleting, timeout, stats=reserves is not None)
-    jobs = read_delete_then_reserve(client, len(deleting), 0 if timeout is None else 1,
-                                    attempts=None if reserves is None else [reserves])
+    send_delete_then_reserve(client, job_ids, timeout, stats=attempts is not None)
+    jobs = read_delete_then_reserve(client, len(job_ids), 0 if timeout is None else 1,
+                                    attempts=attempts)
     return jobs[0] if jobs else None
 
 

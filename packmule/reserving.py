@@ -36,6 +36,7 @@ from packmule.envelope import Envelope
 from packmule.errors import QueueUnavailable
 from packmule.queue import (
     connect,
+    delete_then_reserve,
     naming,
     read_delete_then_reserve,
     send_delete_then_reserve,
@@ -210,12 +211,8 @@ class Reservations:
     def _delete_then_reserve(self, client: Client, finished: list[Finished],
                              timeout: int | None) -> Job | None:
         """Delete ``finished`` and, unless ``timeout`` is None, reserve a job: one write."""
-        reports = self._reporters(finished)
-        send_delete_then_reserve(client, [job.job_id for job in finished], timeout,
-                                 stats=reports is not None)
-        jobs = read_delete_then_reserve(client, len(finished), 0 if timeout is None else 1,
-                                        attempts=reports)
-        return jobs[0] if jobs else None
+        return delete_then_reserve(client, [job.job_id for job in finished], timeout,
+                                   attempts=self._reporters(finished))
 
     def _reporters(self, finished: list[Finished]) -> list[Callable[[int], None]] | None:
         """What to call with each done job's attempt, read along with its delete.

@@ -335,8 +335,7 @@ class Store:
             raise StoreUnavailable(self.names[index], f"memcached incr of {key}: {reply!r}")
         return int(reply)
 
-    def in_one_write(self, commands: Sequence[Quiet | Ask], *,
-                     refusals: bool = False) -> list[Reply | ServerRefused] | None:
+    def in_one_write(self, commands: Sequence[Quiet | Ask]) -> list[Reply | ServerRefused] | None:
         """Send ``commands`` in one write and read the replies of the Asks, in order.
 
         memcached applies one connection's commands in order, so a completion
@@ -346,14 +345,12 @@ class Store:
         at most 1,000 bytes (no item size is smaller): None, nothing sent,
         if the keys are spread over the pool.
 
-        With ``refusals``, an Ask memcached refused (``SERVER_ERROR``, e.g.
-        out of memory under ``-M``: it goes on with the next command) has a
-        ServerRefused for its reply, and the other replies are read.
+        An Ask memcached refused (``SERVER_ERROR``, e.g. out of memory under
+        ``-M``: it goes on with the next command) has a ServerRefused for its
+        reply, and the other replies are read: each completion of a shared
+        write stands or fails on its own.
 
         Raises:
-            ServerRefused: without ``refusals``, memcached answered an Ask
-                with an error: the connection is closed (the rest of its
-                replies are unread) and the Quiet writes are applied.
             StoreUnavailable: as for any command.
         """
         index = self.server_of(commands[0].key)
@@ -363,11 +360,8 @@ class Store:
         payload = b"".join([lines.get((type(command), command)) or self._line(command)
                             for command in commands])
         asks = [command for command in commands if type(command) is Ask]
-        if refusals:
-            name = self.names[index]
-            return self._call(index, asks[0].command,
-                              lambda c: _exchange(c, payload, asks, refusals_from=name))
-        return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks))
+        name = self.names[index]
+        return self._call(index, asks[0].command, lambda c: _exchange(c, payload, asks, name))
 
     def _line(self, command: Quiet | Ask) -> bytes:
         """``command``'s line, kept if it carries no value: a completion's counts
@@ -474,14 +468,14 @@ class Store:
 def _exchange(client: Client, payload: bytes) -> dict[bytes, bytes]: ...
 @overload
 def _exchange(client: Client, payload: bytes, asks: list[Ask],
-              refusals_from: str | None = None) -> list[Reply | ServerRefused]: ...
+              server: str) -> list[Reply | ServerRefused]: ...
 
 
 def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None,
-              refusals_from: str | None = None) -> Any:
+              server: str = "") -> Any:
     """Send ``payload`` on ``client``'s socket and read the replies of ``asks``, in order
-    (without ``asks``: the values of one ``get``, by key). With ``refusals_from``
-    (the server's name), a ``SERVER_ERROR`` reply is a ServerRefused in its place.
+    (without ``asks``: the values of one ``get``, by key), a ``SERVER_ERROR`` reply
+    as a ServerRefused naming ``server`` in its place.
 
     pymemcache reads every reply of its own commands in full, so nothing is
     left in the socket between commands, and this leaves nothing either.
@@ -494,9 +488,7 @@ def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None,
         replies = _Replies(sock)
         if asks is None:
             return replies.values()
-        if refusals_from is not None:
-            return [replies.reply_or_refusal(ask, refusals_from) for ask in asks]
-        return [replies.reply(ask) for ask in asks]
+        return [replies.reply_or_refusal(ask, server) for ask in asks]
     except BaseException:
         client.close()  # replies left unread would answer the next command
         raise

@@ -114,15 +114,15 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
             _die_once(flag)
         return result
 
-    def maybe_die_around_one_write(commands: Sequence[Quiet | Ask],
-                                   **options: Any) -> list[Reply | ServerRefused] | None:
+    def maybe_die_around_one_write(commands: Sequence[Quiet | Ask]
+                                   ) -> list[Reply | ServerRefused] | None:
         counting = _armed() and any(c.key == scope.keys.completed for c in commands)
         if counting and point == "before-count" and not os.path.exists(flag):
             value = commands[0]
             assert isinstance(value, Ask) and isinstance(value.value, bytes)
             store.add(value.key, value.value.rstrip(b"\n"))  # recorded, not counted
             _die_once(flag)
-        result = in_one_write(commands, **options)
+        result = in_one_write(commands)
         if counting and point == "after-count":
             _die_once(flag)
         return result

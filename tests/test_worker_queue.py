@@ -39,12 +39,12 @@ def test_delete_then_reserve_deletes_and_hands_out_the_next_job(env: dict[str, s
     first, second = client.put(b"one"), client.put(b"two")
     reserved = client.reserve(timeout=1)
     assert (reserved.id, reserved.body) == (first, b"one")
-    following = delete_then_reserve(client, first, timeout=1)
+    following = delete_then_reserve(client, [first], timeout=1)
     assert following is not None and (following.id, following.body) == (second, b"two")
     assert _gone(client, first)
-    assert delete_then_reserve(client, second, timeout=0) is None  # nothing left: timed out
+    assert delete_then_reserve(client, [second], timeout=0) is None  # nothing left: timed out
     assert _gone(client, second)
-    assert delete_then_reserve(client, second, timeout=0) is None  # gone already: fine
+    assert delete_then_reserve(client, [second], timeout=0) is None  # gone already: fine
     client.put(b"three")  # the connection is still in step
     assert client.reserve(timeout=1).body == b"three"
     client.close()
