@@ -18,7 +18,8 @@ import click
 from tqdm import tqdm
 
 from packmule import cli_ops, logs
-from packmule.config import configure
+from packmule.config import configure, settings
+from packmule.errors import ConfigurationError
 
 
 @click.group()
@@ -47,6 +48,10 @@ def main(log_level: str, log_format: str) -> None:
 def worker(ctx: click.Context, imports: tuple[str, ...], tubes: tuple[str, ...],
            concurrency: int, burst: bool, metrics_port: int | None, metrics_host: str) -> None:
     """Reserve and run jobs until stopped (SIGTERM/SIGINT: finish the current job)."""
+    try:  # a setting out of range: one line naming it (and no child started to fail alike)
+        settings()
+    except ConfigurationError as err:
+        raise click.ClickException(str(err)) from err
     sys.path.insert(0, os.getcwd())
     if concurrency > 1:
         from packmule.supervisor import supervise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -107,3 +109,16 @@ def test_a_batch_size_out_of_range_is_refused(clean_environment: pytest.MonkeyPa
     clean_environment.setenv("PACKMULE_BATCH_JOBS", value)
     with pytest.raises(packmule.ConfigurationError, match=f"batch_jobs: {value} is not between"):
         config.settings()
+
+
+@pytest.mark.parametrize("concurrency", ["1", "2"])
+def test_a_worker_with_a_bad_setting_says_which_and_exits(clean_environment: pytest.MonkeyPatch,
+                                                          concurrency: str) -> None:
+    """A worker started with a setting out of range names it in one line, no traceback
+    (and a supervisor starts no child to fail the same way)."""
+    clean_environment.setenv("PACKMULE_BATCH_JOBS", "0")
+    result = subprocess.run([sys.executable, "-m", "packmule", "worker", "--import", "runners",
+                             "--concurrency", concurrency], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env=dict(os.environ))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == "Error: batch_jobs: 0 is not between 1 and 256"
