@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packmule import aggregate, coord
+from packmule import aggregate, coord, queue, wakeup
 
 _out: Any = None
 
@@ -44,15 +44,15 @@ def install() -> str | None:
     folder = os.environ.get("PACKMULE_BENCH_TRACE")
     if not folder or _out is not None:
         return None if _out is not None else "PACKMULE_BENCH_TRACE is not set"
-    wanted = [(aggregate, "complete"), (aggregate, "batches_state"), (aggregate, "gather"),
-              (aggregate, "aggregate_record"), (coord.Coordinator, "create_if_absent"),
-              (coord.Coordinator, "watch_prefixes")]
+    wanted = [(aggregate, "complete"), (aggregate, "complete_all"), (aggregate, "batches_state"), (aggregate, "gather"),
+              (aggregate, "aggregate_record"), (coord.Coordinator, "create_if_absent"), (queue.Queue, "kick_job"),
+              (coord.Coordinator, "watch_prefixes"), (wakeup.WakeUp, "__init__")]
     gone = [name for owner, name in wanted if not hasattr(owner, name)]
     if gone:
         return f"packmule no longer has {', '.join(gone)}"
     _out = open(Path(folder) / str(os.getpid()), "a", buffering=1)  # noqa: SIM115
     for owner, name in wanted:
-        if name != "watch_prefixes":
+        if name not in ("watch_prefixes", "__init__"):
             _timed(owner, name, name)
     original = coord.Coordinator.watch_prefixes
 
@@ -69,6 +69,17 @@ def install() -> str | None:
         return original(self, prefixes, wake, seen)
 
     coord.Coordinator.watch_prefixes = watch_prefixes  # type: ignore[method-assign]
+    woken = wakeup.WakeUp.__init__
+
+    def wake_up(self: Any, scope: Any, number: int, parked: Any, on_wake: Any) -> None:
+        def traced_wake() -> None:
+            now = time.time()
+            _log("wake", now, now)
+            on_wake()
+
+        woken(self, scope, number, parked, traced_wake)
+
+    wakeup.WakeUp.__init__ = wake_up  # type: ignore[method-assign]
     return None
 
 

@@ -699,8 +699,10 @@ def register_aggregate(
     """Register an aggregate over ``deps``; its JobRef and the description stored.
 
     ``park`` puts the aggregate's job on beanstalkd in the delayed state and
-    returns ``(server index, job id)``; without it the aggregate belongs to a
-    blocked caller, which the etcd marker wakes. ``method`` is for operators
+    returns ``(server index, job id)``: firing kicks it. A blocked caller's
+    aggregate parks the job that wakes the caller instead (see
+    :mod:`packmule.wakeup`); without ``park`` only the etcd marker's watch
+    wakes it. ``method`` is for operators
     (the run's tree of aggregates), as is the note of its number.
     """
     sizes = {ref.batch: batches.close(ref.batch) for ref in deps}
@@ -886,9 +888,15 @@ def settle(scope: RunScope, record: dict[str, Any], gathered: Gathered) -> Outco
 
 
 def _fire(scope: RunScope, number: int, record: dict[str, Any]) -> None:
-    coord = scope.backends.coord
-    coord.create_if_absent(coord.marker_prefix(scope.run, number) + "fired", b"1",
-                           lease=scope.lease)
+    """Kick the aggregate's parked job, then record the firing in etcd.
+
+    The kick goes first: the job (the aggregate's, or the one waking its
+    caller) is on its way while etcd syncs the marker to disk. A firer that
+    dies between the two has not finished its job: run again, it fires again.
+    """
     if record["srv"] >= 0:
         # Idempotent: the parked job moves to ready once; later kicks find it gone.
         scope.backends.queue.kick_job(record["srv"], record["bid"])
+    coord = scope.backends.coord
+    coord.create_if_absent(coord.marker_prefix(scope.run, number) + "fired", b"1",
+                           lease=scope.lease)

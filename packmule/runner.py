@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any, ClassVar
 
-from packmule import aggregate, leftovers, markers, puts, resume, runs, waiting
+from packmule import aggregate, leftovers, markers, puts, resume, runs, waiting, wakeup
 from packmule.aggregate import ROOT_JOB, Batches, RunScope
 from packmule.backends import Backends, backends
 from packmule.config import check_tube
@@ -392,21 +392,34 @@ class Runner:
                          allow_failures: bool) -> Any:
         """Register a caller's aggregate, block until it fires and call it here; its value.
 
-        The aggregate has no job unless the run fails on it and is handed to
+        The aggregate has no job of its own (its parked job wakes this caller,
+        see :mod:`packmule.wakeup`) unless the run fails on it and is handed to
         the workers to stay resumable (``park``, see :mod:`packmule.resume`).
         """
-        ref, record = aggregate.register_aggregate(
-            context.scope, context.batches, deps, park=None,
-            allow_failures=allow_failures, halt=self.halt_on_data_loss, method=method)
-        context.batches.release()  # exact progress while waiting
+        ref, record, waker = self._register_in_caller(context, deps, method, allow_failures)
 
         def hand_over() -> JobRef:
             parked = park(ref.number, record["own"])
             resume.park_caller_aggregate(context.scope, ref.number, record, parked)
             return ref
 
-        return self._await(context, ref, record,
+        return self._await(context, ref, record, waker,
                            lambda values: getattr(self, method)(values, *args), hand_over)
+
+    def _register_in_caller(self, context: Context, deps: list[JobRef], method: str,
+                            allow_failures: bool
+                            ) -> tuple[JobRef, dict[str, Any], wakeup.WakeUp]:
+        """Register an aggregate this caller waits for, with its wake-up parked."""
+        waker = wakeup.WakeUp(context.scope)
+        try:
+            ref, record = aggregate.register_aggregate(
+                context.scope, context.batches, deps, park=waker.park,
+                allow_failures=allow_failures, halt=self.halt_on_data_loss, method=method)
+        except BaseException:
+            waker.stop()
+            raise
+        context.batches.release()  # exact progress while waiting
+        return ref, record, waker
 
     def _check_refs(self, context: Context, jobs: Iterable[JobRef]) -> list[JobRef]:
         deps = list(jobs)
@@ -424,14 +437,12 @@ class Runner:
         context = self._current_context()
         puts.settle(context)
         deps = self._check_refs(context, [ref])
-        agg, record = aggregate.register_aggregate(
-            context.scope, context.batches, deps, park=None, allow_failures=False,
-            halt=self.halt_on_data_loss, method="wait")
-        context.batches.release()
-        return self._await(context, agg, record, lambda values: values[0], lambda: ref)
+        agg, record, waker = self._register_in_caller(context, deps, "wait", False)
+        return self._await(context, agg, record, waker, lambda values: values[0], lambda: ref)
 
     def _await(self, context: Context, ref: JobRef, record: dict[str, Any],
-               call: Callable[[list[Any]], Any], hand_over: Callable[[], JobRef]) -> Any:
+               waker: wakeup.WakeUp, call: Callable[[list[Any]], Any],
+               hand_over: Callable[[], JobRef]) -> Any:
         """Wait for the aggregate ``ref`` (described by ``record``) and call it in this process.
 
         ``hand_over`` gives what was waited for to the workers if the run is
@@ -440,7 +451,8 @@ class Runner:
         scope = context.scope
         try:
             values = waiting.until_fired(scope, ref.number,
-                                         lambda: waiting.settled_values(scope, record))
+                                         lambda: waiting.settled_values(scope, record),
+                                         waker=waker)
         except RunFailed as err:
             context.failed_wait = (err, hand_over)
             raise

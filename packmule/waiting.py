@@ -1,7 +1,8 @@
 """How a caller blocked in `deferred_result` waits for its aggregate.
 
-Two phases. First the aggregate fires: an etcd watch on its marker wakes
-the caller (the event itself says "fired", no read needed), and between
+Two phases. First the aggregate fires: its wake-up job, kicked by the
+firer, wakes the caller (see :mod:`packmule.wakeup`; without one, an etcd
+watch on its marker does: the event itself says "fired"), and between
 wake-ups a doubling pause checks that the run was not cancelled and that
 memcached did not lose its state, so neither hangs the caller. Then the
 caller reads the values once and settles the aggregate; if a redelivered
@@ -26,23 +27,37 @@ from packmule.aggregate import RunScope
 from packmule.errors import ResultMissing, RunCancelled, RunFailed, ServerUnavailable
 from packmule.outcome import Outcome
 from packmule.retry import doubling
+from packmule.wakeup import WakeUp
 
 T = TypeVar("T")
 STRAGGLER_PAUSES = (0.01, 2.0)
 
 
-def until_fired(scope: RunScope, number: int, then: Callable[[], T]) -> T:
+def until_fired(scope: RunScope, number: int, then: Callable[[], T], *,
+                waker: WakeUp | None = None) -> T:
     """Block until aggregate ``number`` fires, then return ``then()``.
 
-    Raises if the run is cancelled or lost. The watch is stopped after
-    ``then`` (reading the values): stopping it wakes etcd's client threads,
-    which would compete for a CPU with the read the caller is waiting for.
+    ``waker``: the aggregate's wake-up, parked (see :mod:`packmule.wakeup`);
+    stopped here, whatever happens.
+    Waiting on it, the caller sets no etcd watch: its event would come as
+    the caller reads the values, and its thread compete for a CPU with the
+    read (a wake-up lost is a fault: the pauses' checks find the marker).
+    Raises if the run is cancelled or lost. A watch is stopped after ``then``
+    (reading the values): stopping it, too, wakes etcd's client threads.
     """
     coord = scope.backends.coord
     fired = coord.marker_prefix(scope.run, number) + "fired"
     wake = threading.Event()
     seen: set[str] = set()
-    stop_watch = coord.watch_prefixes([fired, coord.run_lost_key(scope.run)], wake, seen)
+
+    def kicked() -> None:
+        seen.add(fired)
+        wake.set()
+
+    if waker is not None and waker.start(number, kicked):
+        stop_waiting = waker.stop
+    else:
+        stop_waiting = coord.watch_prefixes([fired, coord.run_lost_key(scope.run)], wake, seen)
 
     def check() -> bool | None:
         if fired in seen or coord.get(fired) is not None:
@@ -54,7 +69,7 @@ def until_fired(scope: RunScope, number: int, then: Callable[[], T]) -> T:
         _poll(scope, check, doubling(*scope.backends.settings.health_check_seconds), wake)
         return then()
     finally:
-        stop_watch()
+        stop_waiting()
 
 
 def settled_values(scope: RunScope, record: dict[str, Any]) -> list[Any]:

@@ -6,9 +6,11 @@ that the first worker reaching POINT while recording a job's result creates
 the file FLAG and dies with SIGKILL (later executions find FLAG and go on).
 Points:
 
-- ``before-fire``: an aggregate's dependencies are all done, its etcd
-  "fired" marker is not written yet;
-- ``after-fire``: the marker is written, a parked aggregate job not kicked yet;
+- ``before-fire``: an aggregate's dependencies are all done, its parked job
+  (the aggregate's, or its caller's wake-up job) is not kicked yet, its etcd
+  "fired" marker not written;
+- ``after-fire``: the parked job is kicked and the marker written, nothing
+  after them is done (the job's own delete, its batch-mates' records);
 - ``before-count``: the job's outcome is recorded, its progress count not sent
   (where packmule sends the value, its count and its batch's count in one
   write, the hook sends the value alone, as a worker killed between two
@@ -92,8 +94,14 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
     if point not in _CRASH_POINTS or not flag or _armed():  # (a batch's record: hooked already)
         yield
         return
-    coord, store = scope.backends.coord, scope.backends.store
+    coord, store, queue = scope.backends.coord, scope.backends.store, scope.backends.queue
     create, incr, in_one_write = coord.create_if_absent, store.incr, store.in_one_write
+    kick = queue.kick_job
+
+    def maybe_die_then_kick(index: int, job_id: int) -> bool:
+        if _armed() and point == "before-fire":  # the firing kicks first, then writes the marker
+            _die_once(flag)
+        return kick(index, job_id)
 
     def create_then_maybe_die(key: str, value: bytes, *, lease: int = 0) -> bool:
         fired = _armed() and key.endswith("/fired")
@@ -128,6 +136,7 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
         return result
 
     coord.create_if_absent = create_then_maybe_die  # type: ignore[method-assign]
+    queue.kick_job = maybe_die_then_kick  # type: ignore[method-assign]
     store.incr = maybe_die_around_incr  # type: ignore[method-assign]
     store.in_one_write = maybe_die_around_one_write  # type: ignore[method-assign]
     _local.armed = True
@@ -136,6 +145,7 @@ def _crash_hook(scope: RunScope) -> Iterator[None]:
     finally:  # drop the instance attributes: the methods show again
         _local.armed = False
         del coord.create_if_absent
+        del queue.kick_job
         del store.incr
         del store.in_one_write
 
