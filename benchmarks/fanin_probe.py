@@ -44,15 +44,16 @@ def install() -> str | None:
     folder = os.environ.get("PACKMULE_BENCH_TRACE")
     if not folder or _out is not None:
         return None if _out is not None else "PACKMULE_BENCH_TRACE is not set"
-    wanted = [(aggregate, "complete"), (aggregate, "complete_all"), (aggregate, "batches_state"), (aggregate, "gather"),
-              (aggregate, "aggregate_record"), (coord.Coordinator, "create_if_absent"), (queue.Queue, "kick_job"),
-              (coord.Coordinator, "watch_prefixes"), (wakeup.WakeUp, "__init__")]
+    wanted = [(aggregate, "complete"), (aggregate, "complete_all"), (aggregate, "batches_state"),
+              (aggregate, "gather"), (aggregate, "aggregate_record"),
+              (coord.Coordinator, "create_if_absent"), (queue.Queue, "kick_job"),
+              (coord.Coordinator, "watch_prefixes"), (wakeup.WakeUp, "wait")]
     gone = [name for owner, name in wanted if not hasattr(owner, name)]
     if gone:
         return f"packmule no longer has {', '.join(gone)}"
     _out = open(Path(folder) / str(os.getpid()), "a", buffering=1)  # noqa: SIM115
     for owner, name in wanted:
-        if name not in ("watch_prefixes", "__init__"):
+        if name not in ("watch_prefixes", "wait"):
             _timed(owner, name, name)
     original = coord.Coordinator.watch_prefixes
 
@@ -69,17 +70,16 @@ def install() -> str | None:
         return original(self, prefixes, wake, seen)
 
     coord.Coordinator.watch_prefixes = watch_prefixes  # type: ignore[method-assign]
-    woken = wakeup.WakeUp.__init__
+    waited = wakeup.WakeUp.wait
 
-    def wake_up(self: Any, scope: Any, number: int, parked: Any, on_wake: Any) -> None:
-        def traced_wake() -> None:
+    def wait(self: Any, seconds: float) -> bool:
+        woken = waited(self, seconds)
+        if woken:
             now = time.time()
             _log("wake", now, now)
-            on_wake()
+        return bool(woken)
 
-        woken(self, scope, number, parked, traced_wake)
-
-    wakeup.WakeUp.__init__ = wake_up  # type: ignore[method-assign]
+    wakeup.WakeUp.wait = wait  # type: ignore[method-assign]
     return None
 
 

@@ -992,7 +992,7 @@ def profile_fanin(env: dict[str, str], procs: Procs, runs: int, *, count: int = 
              state[2]),
             ("batches complete? (worker)", state[2], state[3]),
             ("-> kick of the caller's wake-up job (worker)", state[3], kick[3]),
-            ("-> the caller's thread has it, wakes the caller", kick[3], wake),
+            ("-> the caller's pending reserve has it: the caller is awake", kick[3], wake),
             ("caller: wake-up -> gather starts", wake, gather[2]),
             ("caller: gather, read all N outcomes once", gather[2], gather[3]),
             ("caller: settle -> aggregate method called", gather[3], called),

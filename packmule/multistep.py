@@ -192,8 +192,10 @@ class MultiStepTask:
             ref = self._runner._defer_to_workers(context, previous, "step",
                                                  (function, args, index == 0), allow_failures=False)
             previous = [ref]
+        # The job numbers taken ahead and unused are uncounted before the root is chained:
+        # the run may end then (every step done already), its counts read for its record.
+        context.batches.release()
         resume.chain_root(context.scope, context.batches, previous[0])
-        context.batches.release()  # the job numbers taken ahead and unused: uncounted
         self._runner._context = None
         self._jobs = []
 

@@ -47,29 +47,41 @@ def until_fired(scope: RunScope, number: int, then: Callable[[], T], *,
     """
     coord = scope.backends.coord
     fired = coord.marker_prefix(scope.run, number) + "fired"
-    wake = threading.Event()
     seen: set[str] = set()
-
-    def kicked() -> None:
-        seen.add(fired)
-        wake.set()
-
-    if waker is not None and waker.start(number, kicked):
-        stop_waiting = waker.stop
+    pause: Callable[[float], object]
+    if waker is not None and waker.parked:
+        pause, stop_watch = waker.wait, _no_watch
     else:
-        stop_waiting = coord.watch_prefixes([fired, coord.run_lost_key(scope.run)], wake, seen)
+        wake = threading.Event()
+        pause = _waiting_on(wake)
+        stop_watch = coord.watch_prefixes([fired, coord.run_lost_key(scope.run)], wake, seen)
 
     def check() -> bool | None:
-        if fired in seen or coord.get(fired) is not None:
+        if fired in seen or (waker is not None and waker.woken) or coord.get(fired) is not None:
             return True
         _raise_if_stopped(scope, number)
         return None
 
     try:
-        _poll(scope, check, doubling(*scope.backends.settings.health_check_seconds), wake)
+        _poll(scope, check, doubling(*scope.backends.settings.health_check_seconds), pause)
         return then()
     finally:
-        stop_waiting()
+        stop_watch()
+        if waker is not None:
+            waker.stop()
+
+
+def _no_watch() -> None:
+    """Stop no watch (a caller waiting on its wake-up job sets none)."""
+
+
+def _waiting_on(wake: threading.Event) -> Callable[[float], object]:
+    """A pause that ends early when ``wake`` is set (and clears it for the next)."""
+    def pause(seconds: float) -> None:
+        wake.wait(seconds)
+        wake.clear()
+
+    return pause
 
 
 def settled_values(scope: RunScope, record: dict[str, Any]) -> list[Any]:
@@ -89,7 +101,7 @@ def settled_values(scope: RunScope, record: dict[str, Any]) -> list[Any]:
             return None
         return gathered.values
 
-    return _poll(scope, check, doubling(*STRAGGLER_PAUSES), None)
+    return _poll(scope, check, doubling(*STRAGGLER_PAUSES))
 
 
 def error_for(scope: RunScope, outcome: Outcome) -> RunFailed | ResultMissing:
@@ -101,8 +113,8 @@ def error_for(scope: RunScope, outcome: Outcome) -> RunFailed | ResultMissing:
 
 
 def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
-          wake: threading.Event | None) -> T:
-    """Call ``check`` until it returns a value, pausing (or until ``wake``) between calls.
+          pause: Callable[[float], object] = time.sleep) -> T:
+    """Call ``check`` until it returns a value, with ``pause`` (which may end early) between.
 
     An outage is ridden out for ``server_grace_seconds``; a server's refusal
     (:class:`ServerRefused`) is raised at once: asking again cannot help.
@@ -120,12 +132,7 @@ def _poll(scope: RunScope, check: Callable[[], T | None], pauses: list[float],
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > grace:
                 raise
-        pause = pauses[min(step, len(pauses) - 1)]
-        if wake is None:
-            time.sleep(pause)
-        else:
-            wake.wait(pause)
-            wake.clear()
+        pause(pauses[min(step, len(pauses) - 1)])
     raise AssertionError("unreachable")
 
 

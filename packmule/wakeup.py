@@ -6,22 +6,22 @@ fan-in of a small run. So before a caller registers its aggregate it parks
 a tiny job, delayed for decades, on a tube of its own, and the aggregate's
 record names it as an aggregate's parked job: whoever fires the aggregate
 kicks it (one idempotent beanstalkd command) before writing the marker,
-and a thread of the caller, blocked in ``reserve`` on that tube, wakes it.
+and the ``reserve`` the caller left pending on that tube answers.
 
-The wake-up only makes the caller faster. The marker is written and
-watched as before: if the wake-up job is lost (a beanstalkd restarted
-without its binlog, a connection broken), the watch still wakes the
-caller. The thread takes the job and deletes it, so the tube is gone once
-the wait is over; the job is noted as parked (see :mod:`packmule.leftovers`),
-so a caller killed while waiting leaves nothing a purge or a cancel misses.
+The wake-up only makes the caller faster. The marker is written as
+before: if the wake-up job is lost (a beanstalkd restarted without its
+binlog, a connection broken), the caller finds the marker at its next
+health check. The caller takes the job and deletes it, so the tube is gone
+once the wait is over; the job is noted as parked (see
+:mod:`packmule.leftovers`), so a caller killed while waiting leaves
+nothing a purge or a cancel misses.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-from collections.abc import Callable
+import select
+import time
 from contextlib import suppress
 
 import greenstalk
@@ -32,8 +32,8 @@ from packmule.errors import ServerError
 from packmule.queue import PARK_SECONDS, naming
 
 log = logging.getLogger(__name__)
-_BODY = b"wake"
-_TTR_SECONDS = 60  # the thread deletes the job as soon as it has it
+_BODY = b"wake"  # (its length is in the RESERVED reply wait() looks for)
+_TTR_SECONDS = 60  # the caller deletes the job as soon as it has it
 
 
 def tube(run: str, number: int) -> str:
@@ -42,85 +42,111 @@ def tube(run: str, number: int) -> str:
 
 
 class WakeUp:
-    """The wake-up of one caller's aggregate: its job parked, then a thread waiting for it.
+    """The wake-up of one caller's aggregate: its job, and a ``reserve`` left pending for it.
 
     One connection of its own: the job is put on it (so no other connection
     is left using the wake-up tube, which would keep the tube listed), then
-    it waits in ``reserve`` with no socket timeout, as long as the run takes.
+    it watches the tube and asks for the job. The caller's own thread waits
+    on the connection between its checks (:meth:`wait`): no thread of ours
+    stands between the kick and the caller.
     """
 
     def __init__(self, scope: RunScope) -> None:
         self._scope = scope
         self._parked = (-1, 0)
-        self._tube = ""
         self._sock: sockets.TimedSocket | None = None
-        self._client: greenstalk.Client[bytes] | None = None
-        self._on_wake: Callable[[], None] = lambda: None
-        self._thread = threading.Thread(target=self._wait, name="packmule-wake-up", daemon=True)
+        self._replies = b""  # what beanstalkd answered so far (a few short lines)
+        self._broken = False  # the connection failed: wait() only sleeps
+        self._poller = select.poll()
+        self.woken = False
 
     def park(self, number: int, _batch: str = "") -> tuple[int, int]:
-        """Park the wake-up job of aggregate ``number``: ``(server index, job id)``.
+        """Park the wake-up job of aggregate ``number`` and ask for it: ``(server index, job id)``.
 
         Raises:
             QueueUnavailable: the server is unreachable (naming it).
             ServerRefused: the server refused the job.
         """
-        scope = self._scope
-        index = scope.backends.queue.server_for(number)
-        settings = scope.backends.settings
-        name = scope.backends.queue.names[index]
+        backends = self._scope.backends
+        index = backends.queue.server_for(number)
+        name, wake_tube = backends.queue.names[index], tube(self._scope.run, number)
         with naming(name, "connect"):
-            self._sock = sockets.connect(settings.beanstalkd[index],
-                                         settings.socket_timeout_seconds)
-        self._client = greenstalk.Client(self._sock, encoding=None)
+            self._sock = sockets.connect(backends.settings.beanstalkd[index],
+                                         backends.settings.socket_timeout_seconds)
+        client = greenstalk.Client(self._sock, encoding=None)
         with naming(name, "put"):
-            self._client.use(tube(scope.run, number))
-            job_id = self._client.put(_BODY, priority=0, delay=PARK_SECONDS, ttr=_TTR_SECONDS)
+            client.use(wake_tube)
+            job_id = client.put(_BODY, priority=0, delay=PARK_SECONDS, ttr=_TTR_SECONDS)
+            # Replies read by wait(); greenstalk's reader has nothing left buffered.
+            self._send(b"watch %b\r\nignore default\r\nreserve\r\n" % wake_tube.encode())
+        self._poller.register(self._sock, select.POLLIN)
         self._parked = index, job_id
-        leftovers.note_parked(scope.backends, scope.run, number, self._parked)
+        leftovers.note_parked(backends, self._scope.run, number, self._parked)
         return self._parked
 
-    def start(self, number: int, on_wake: Callable[[], None]) -> bool:
-        """Wait in a thread for the job parked for ``number``; False if none is parked."""
-        if self._sock is None:
-            return False
-        self._tube, self._on_wake = tube(self._scope.run, number), on_wake
-        self._sock.set_kernel_timeout(0)  # 0: none, so the reserve waits as long as the run
-        self._thread.start()
-        return True
-
-    def _wait(self) -> None:
-        assert self._client is not None
-        try:
-            self._client.watch(self._tube)
-            self._client.ignore("default")
-            job = self._client.reserve()
-        except Exception as err:  # stopped, or the server went: the marker's checks wake
-            log.debug("wake-up on %s ended: %r", self._tube, err)
-            return
-        self._on_wake()
-        with suppress(Exception):
-            self._client.delete(job)
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the job; whether it came (its delete is sent then)."""
+        deadline = time.monotonic() + seconds
+        while not self.woken and self._read(deadline):
+            if self._answered(b"RESERVED %d 4" % self._parked[1]):
+                self.woken = True
+                with suppress(OSError):  # (if the connection broke, the job goes back)
+                    self._send(b"delete %d\r\n" % self._parked[1])
+        if not self.woken:  # no connection, or a broken one: a pause all the same
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        return self.woken
 
     def stop(self) -> None:
-        """End the wait and close. Unless the thread has the job already, kick it, so the
-        thread takes and deletes it; a job gone (its run was cancelled) or a server gone
-        leaves the thread blocked, and closing its socket ends it."""
-        if self._client is None or self._sock is None:
+        """End the wait and close, leaving no job. Unless the job came, kick it and take it;
+        a job gone (its run was cancelled) or a server gone: the pending reserve dies
+        with the connection."""
+        if self._sock is None:
             return
-        if self._thread.ident is None:  # never waited (the registration failed after the park)
-            with suppress(Exception):
-                self._client.delete(self._parked[1])
-        elif self._thread.is_alive() and self._kicked_or_taken():
-            self._thread.join(timeout=1.0)
-        with suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._client.close()
-        if self._thread.is_alive():
-            self._thread.join(timeout=1.0)
+        try:
+            if not self.woken and self._broken:
+                self._delete_elsewhere()
+            elif not self.woken and self._kicked_or_taken():
+                self.wait(1.0)
+            deadline = time.monotonic() + 1.0
+            while self.woken and not self._answered(b"DELETED", b"NOT_FOUND") and \
+                    self._read(deadline):
+                pass  # its delete's reply: then the tube is gone
+        finally:
+            self._sock.close()
+
+    @property
+    def parked(self) -> bool:
+        """Whether the job is parked and asked for (else only the marker wakes the caller)."""
+        return self._sock is not None and not self._broken
+
+    def _answered(self, *replies: bytes) -> bool:
+        return any(reply + b"\r\n" in self._replies for reply in replies)
+
+    def _read(self, deadline: float) -> bool:
+        """Add what beanstalkd answers before ``deadline`` to the replies; False if nothing
+        (a connection that failed, or never was, answers nothing)."""
+        left = deadline - time.monotonic()
+        if self._sock is None or self._broken or left <= 0 or not self._poller.poll(left * 1000):
+            return False
+        try:
+            data = self._sock.recv(4096)
+        except OSError:
+            data = b""
+        self._broken = not data  # the server went: the marker's checks wake the caller
+        self._replies += data
+        return bool(data)
+
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        self._sock.sendall(data)
+
+    def _delete_elsewhere(self) -> None:
+        """Delete the job on the pool's connection (ours broke): it may be there still."""
+        with suppress(ServerError):
+            self._scope.backends.queue.delete(*self._parked)
 
     def _kicked_or_taken(self) -> bool:
-        """Kick the job; whether the thread has it now or takes it at once."""
+        """Kick the job; whether the pending reserve has it now or takes it at once."""
         queue, (index, job_id) = self._scope.backends.queue, self._parked
         try:
             return queue.kick_job(index, job_id) or queue.job_state(index, job_id) in (

@@ -25,6 +25,7 @@ import packmule
 from packmule.backends import backends
 from packmule.config import settings
 from packmule.coord import Coordinator
+from packmule.servers import LocalServers
 
 
 def _wake_tubes() -> list[str]:
@@ -72,8 +73,7 @@ def test_a_lost_wake_up_job_leaves_the_marker_to_wake_the_caller(env: dict[str, 
 
 def test_no_wake_up_tube_outlives_a_done_failed_or_cancelled_run(
         env: dict[str, str], workers: Workers) -> None:
-    workers.start("runners", 2)
-    workers.start("fault_runners", 1)
+    workers.start("runners", 2, "--import", "fault_runners")
     assert Adder("done").run(5) == sum(range(5))
     assert _wake_tubes() == []
     with pytest.raises(packmule.RunFailed):
@@ -103,3 +103,18 @@ def test_cancelling_the_run_of_a_killed_caller_removes_its_wake_up_job(
     assert isinstance(tube, str) and _wake_jobs(tube) == 1
     assert Slow("orphan").cancel()
     assert _wake_jobs(tube) == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_caller_whose_wake_up_connection_broke_still_ends_and_leaves_no_job(
+        env: dict[str, str], workers: Workers, servers: LocalServers) -> None:
+    """beanstalkd restarts under the caller: its pending reserve is gone, the job is kept
+    (binlog) and kicked; the caller finds the marker, then deletes the job on the pool."""
+    workers.start("runners", 2)
+    thread, outcome = in_thread(lambda: Slow("bounced").run(20, 0.1))
+    wait_until(lambda: Slow("bounced").update_progress().completed >= 2, timeout=20,
+               what="the run to be under way")
+    servers.restart_beanstalkd()
+    thread.join(timeout=60)
+    assert outcome == {"value": 2.0}
+    assert _wake_tubes() == []
