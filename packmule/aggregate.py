@@ -24,8 +24,9 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from types import EllipsisType
-from typing import Any
+from typing import Any, cast
 
 from packmule import runs
 from packmule.backends import Backends
@@ -843,18 +844,23 @@ GATHER_CHUNK = 5000
 
 
 def _gather_chunk(scope: RunScope, numbers: list[int], gathered: Gathered) -> None:
-    names = [scope.keys.job(n) for n in numbers]
-    found = scope.backends.store.get_many(names)
+    found = scope.backends.store.get_in_order(scope.keys.jobs(numbers))
+    present = cast("list[bytes]", found) if None not in found else [
+        raw for raw in found if raw is not None]
     # One JSON array for the whole chunk: a json.loads per record costs more than the read.
-    joined = b"[" + b",".join(found[name] for name in names if name in found) + b"]"
-    records = iter(loads(joined) if MARK_BYTES not in joined else restore(loads(joined)))
+    joined = b"[" + b",".join(present) + b"]"
+    records = loads(joined) if MARK_BYTES not in joined else restore(loads(joined))
     values = gathered.values
-    for number, name in zip(numbers, names, strict=True):
-        if name not in found:
+    if len(present) == len(numbers) and b'{"f":' not in joined:  # values only: no step each
+        values += map(itemgetter("v"), records)
+        return
+    next_record = iter(records).__next__
+    for number, raw in zip(numbers, found, strict=True):
+        if raw is None:
             gathered.missing.append(number)
             values.append(MISSING)
             continue
-        record = next(records)
+        record = next_record()
         if "v" in record:  # a value (see Outcome.encode): no Outcome built for each of thousands
             values.append(record["v"])
             continue

@@ -16,6 +16,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple, TypeVar, overload
 
 from pymemcache.client.base import Client
@@ -98,6 +99,11 @@ class RunKeys:
     def job(self, number: int) -> str:
         """A job's record: its outcome once it finished."""
         return f"{self._prefix}j:{number}"
+
+    def jobs(self, numbers: Iterable[int]) -> list[str]:
+        """The records of ``numbers`` (:meth:`job` of each), made in one go for thousands."""
+        prefix = f"{self._prefix}j:"
+        return [prefix + str(number) for number in numbers]
 
     def allocation(self, origin: str, index: int) -> str:
         """The job numbers a job's ``index``-th enqueue got, replayed if it runs again."""
@@ -428,6 +434,22 @@ class Store:
                 found.update(self.get_at(index, group[start:start + 5000]))
         return found
 
+    def get_in_order(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in their order, None where a key is not found.
+
+        For thousands of small values (an aggregate's records): on a
+        one-server pool, no dictionary is made between the reply and the
+        list (see :meth:`_Replies.in_order`).
+        """
+        if len(self._clients) > 1:
+            found = self.get_many(keys)
+            return [found.get(key) for key in keys]
+        values: list[bytes | None] = []
+        for start in range(0, len(keys), 5000):
+            chunk = keys[start:start + 5000]
+            values += self._call(0, "get", partial(_read_in_order, keys=chunk))
+        return values
+
     def get_at(self, index: int, keys: list[str]) -> dict[str, bytes]:
         """Values of ``keys`` read from server ``index`` regardless of hashing.
 
@@ -494,6 +516,18 @@ def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None,
         raise
 
 
+def _read_in_order(client: Client, keys: Sequence[str]) -> list[bytes | None]:
+    """Send the ``get`` of ``keys``; their values in order (see _Replies.in_order)."""
+    if client.sock is None:
+        client._connect()
+    try:
+        client.sock.sendall(("get " + " ".join(keys) + "\r\n").encode())
+        return _Replies(client.sock).in_order(keys)
+    except BaseException:
+        client.close()  # replies left unread would answer the next command
+        raise
+
+
 class _Replies:
     """Reads memcached replies from a socket, in order, parsing them in place."""
 
@@ -535,6 +569,31 @@ class _Replies:
             words = _words(err)
             return ServerRefused(server, f"memcached refused {ask.command}: {words}",
                                  reply=words)
+
+    def in_order(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of a ``get`` of ``keys``, in their order, None for a key not found.
+
+        The reply is read to its apparent end and split by C code: when it
+        holds every key, in order, each value of its declared length (the
+        rule for an aggregate's records, JSON without line breaks), that is
+        the whole parse, with no Python step per value. Otherwise (a key not
+        found, a value with a line break) it is parsed value by value by
+        :meth:`values`, which reads on if the end was not the real one.
+        """
+        while not (self.buf.endswith(b"\r\nEND\r\n") or self.buf == b"END\r\n"):
+            self._more()
+        parts = self.buf.split(b"\r\n")
+        count = len(keys)
+        if len(parts) == 2 * count + 2:
+            words = b" ".join(parts[0:-2:2]).split(b" ")
+            values = parts[1:-2:2]
+            if len(words) == 4 * count and words[0::4].count(b"VALUE") == count \
+                    and b" ".join(words[1::4]) == " ".join(keys).encode() \
+                    and list(map(int, words[3::4])) == list(map(len, values)):
+                self.pos = len(self.buf)
+                return list(values)
+        found = self.values()
+        return [found.get(key.encode()) for key in keys]
 
     def values(self) -> dict[bytes, bytes]:
         """The values a ``get`` of one or more keys found, by key.

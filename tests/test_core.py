@@ -223,3 +223,18 @@ def test_twins_of_a_failing_job_count_one_failure_and_a_kick_takes_it_back(
         return counts
 
     assert Driven("twins").run(fail_twice_then_succeed) == [(0, 1), (0, 1), (1, 0)]
+
+
+def test_values_read_in_order_come_back_exact_whatever_they_hold(env: dict[str, str]) -> None:
+    """An aggregate's values are read in order, split by C code when the reply is the
+    expected one; a key not found, an empty value, or values holding line breaks and
+    memcached's own words are read back exactly, in two chunks of a get."""
+    store = backends().store
+    keys = [f"{env['PACKMULE_NAMESPACE']}:in-order:{i}" for i in range(7000)]
+    tricky = {keys[1]: b"a\r\nEND\r\n", keys[2]: b"", keys[6999]: b"VALUE x 0 1\r\nEND\r\n"}
+    values = {key: tricky.get(key, b'{"v":%d}' % i) for i, key in enumerate(keys) if i != 3}
+    store.set_many(values)
+    assert store.get_in_order(keys) == [values.get(key) for key in keys]
+    plain = [key for key in keys if key in values and key not in tricky]
+    assert store.get_in_order(plain) == [values[key] for key in plain]
+    assert store.get_in_order([]) == []
