@@ -49,7 +49,7 @@ Job = greenstalk.Job[bytes]
 Client = greenstalk.Client[bytes]
 
 
-@dataclass
+@dataclass(slots=True)
 class Finished:
     """A job done: its delete, and its log line with its attempt, go with the next write."""
 

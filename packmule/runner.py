@@ -55,7 +55,7 @@ _OPTIONS = ("record_return_values", "push_progress_updates", "time_to_run", "pri
             "max_retries", "halt_on_data_loss", "time_limit")
 
 
-@dataclass
+@dataclass(slots=True)
 class Context:
     """Where enqueues happen: a caller's run (``job`` None) or one job's execution."""
 

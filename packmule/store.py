@@ -362,8 +362,9 @@ class Store:
         index = self.server_of(commands[0].key)
         if len(self.names) > 1 and any(self.server_of(c.key) != index for c in commands[1:]):
             return None
-        lines = self._lines  # (lists, not generators: this is once per job)
-        payload = b"".join([lines.get((type(command), command)) or self._line(command)
+        lines, ttl = self._lines, self.ttl  # (lists, not generators: this is once per job)
+        payload = b"".join([command.line(ttl) if type(command.value) is bytes  # (a value: new)
+                            else lines.get((type(command), command)) or self._line(command)
                             for command in commands])
         asks = [command for command in commands if type(command) is Ask]
         name = self.names[index]
@@ -510,7 +511,9 @@ def _exchange(client: Client, payload: bytes, asks: list[Ask] | None = None,
         replies = _Replies(sock)
         if asks is None:
             return replies.values()
-        return [replies.reply_or_refusal(ask, server) for ask in asks]
+        adds = next((at for at, ask in enumerate(asks) if ask.command != "add"), len(asks))
+        stored: list[Reply | ServerRefused] = [True] * adds if replies.all_stored(adds) else []
+        return stored + [replies.reply_or_refusal(ask, server) for ask in asks[len(stored):]]
     except BaseException:
         client.close()  # replies left unread would answer the next command
         raise
@@ -547,6 +550,22 @@ class _Replies:
             raise MemcacheUnexpectedCloseError()
         self.buf = self.buf[self.pos:] + data
         self.pos = 0
+
+    def all_stored(self, count: int) -> bool:
+        """Whether the next ``count`` replies all say ``STORED`` (then they are read).
+
+        A batch's adds are answered so as a rule: one comparison, not a
+        parse per reply. Every reply is 8 bytes or more, so waiting for
+        ``8 * count`` never waits for a reply that will not come.
+        """
+        size = len(_STORED) * count
+        while len(self.buf) - self.pos < size and self.buf.startswith(
+                _STORED * ((len(self.buf) - self.pos) // len(_STORED)), self.pos):
+            self._more()
+        if not self.buf.startswith(_STORED * count, self.pos):
+            return False
+        self.pos += size
+        return True
 
     def reply(self, ask: Ask) -> Reply:
         """The reply to one Ask: add -> stored?, incr -> the value or None, get -> the value or None."""
@@ -621,6 +640,7 @@ class _Replies:
             self.pos = end + 2
 
 
+_STORED = b"STORED\r\n"
 _VALUE = re.compile(rb"VALUE (\S+) \d+ (\d+)(?: \d+)?\r\n")
 
 
