@@ -71,6 +71,31 @@ def note_parked(backends: Backends, run: str, number: int, parked: tuple[int, in
     backends.store.append_creating(key, b"%d:%d " % parked)
 
 
+def note_parked_unless_dropped(backends: Backends, run: str, number: int,
+                               parked: tuple[int, int]) -> bool:
+    """Note a parked job; False if the run was cancelled or purged (then delete the job).
+
+    A cancel or a purge sets the run's flag, then deletes the jobs noted as
+    parked. The note is applied before the flag is read here, so either
+    that deletion finds this job, or this read finds the flag.
+    """
+    note_parked(backends, run, number, parked)
+    keys, store = RunKeys(backends.settings.namespace, run), backends.store
+    note = keys.parked(number // CHUNK)
+    if store.server_of(note) != store.server_of(keys.cancelled):
+        store.get(note)  # (its server answers after applying the note sent before)
+    return not dropped(backends, run)
+
+
+def dropped(backends: Backends, run: str) -> bool:
+    """Whether ``run`` was cancelled or purged: its flag, read now (runs.is_cancelled caches).
+
+    A job parked again after the run's parked jobs were deleted reads it, to
+    delete itself: whoever sets the flag deletes the parked jobs only after.
+    """
+    return backends.store.get(RunKeys(backends.settings.namespace, run).cancelled) is not None
+
+
 def note_buried(backends: Backends, run: str, where: tuple[int, int], job: int,
                 method: str) -> None:
     """Note that job ``job`` of ``run`` is buried at ``where = (server index, job id)``."""

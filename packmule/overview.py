@@ -233,7 +233,8 @@ def purge(backends: Backends, run: str) -> Purged:
     once you give up on it. Its record in etcd stays (with its final
     counts) until it expires. Left in memcached: the records of replayed
     job numbers (one per enqueue call inside a job), which expire on their
-    own after ``state_ttl_seconds``.
+    own after ``state_ttl_seconds``, and its cancelled flag, set first: a job of
+    it parked again meanwhile (an aggregate settling a failure) deletes itself.
 
     Raises:
         UnknownRun: no such run. PackmuleError: it is still running (cancel it first).
@@ -241,10 +242,12 @@ def purge(backends: Backends, run: str) -> Purged:
     record = _known(backends, run)
     if record.state == "running":
         raise PackmuleError(f"run {run} is still running: cancel it first")
+    keys = RunKeys(backends.settings.namespace, run)
+    backends.store.set(keys.cancelled, b"1")  # first: a job parked again from now drops itself
     parked, buried = leftovers.remove_all(backends, run)
-    keys = _state_keys(backends, run)
-    backends.store.delete_many(keys)
-    return Purged(run, record.state, parked, buried, len(keys))
+    named = _state_keys(backends, run)
+    backends.store.delete_many(named)
+    return Purged(run, record.state, parked, buried, len(named))
 
 
 def _state_keys(backends: Backends, run: str) -> list[str]:
@@ -254,7 +257,7 @@ def _state_keys(backends: Backends, run: str) -> list[str]:
     last = int(store.get(keys.sequence) or 0)
     numbers = aggregate_numbers(backends, run)
     descriptions = store.get_many([keys.aggregate(n) for n in numbers])
-    named = [keys.sequence, keys.cancelled, keys.buried, keys.batch("root"),
+    named = [keys.sequence, keys.buried, keys.batch("root"),
              keys.batch_done("root"),
              *(getattr(keys, counter) for counter in COUNTERS),
              *(keys.sentinel(index) for index in range(len(store.names))),

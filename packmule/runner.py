@@ -37,6 +37,7 @@ from packmule.envelope import (
 from packmule.errors import (
     ConfigurationError,
     EnqueueError,
+    JobCancelled,
     PackmuleError,
     ResultMissing,
     ResultPending,
@@ -364,9 +365,12 @@ class Runner:
         """How to park the aggregate ``method(values, *args)`` as a delayed job until it fires."""
         def park(number: int, batch: str) -> tuple[int, int]:
             index, body = self._body(context, number, batch, method, list(args), aggregate=True)
-            parked = index, self._put(context.scope.backends.queue, index, number, body,
+            scope = context.scope
+            parked = index, self._put(scope.backends.queue, index, number, body,
                                       delay=PARK_SECONDS)
-            leftovers.note_parked(context.scope.backends, context.scope.run, number, parked)
+            if not leftovers.note_parked_unless_dropped(scope.backends, scope.run, number, parked):
+                scope.backends.queue.delete(*parked)
+                raise JobCancelled(f"run {scope.run} was cancelled or purged")
             return parked
 
         return park
@@ -693,7 +697,10 @@ def _resume_target(context: Context, err: BaseException, code: CodeType,
     waits = (Runner.deferred_result.__code__, Runner.wait.__code__)
     if returned is None and not resume.returned_directly(err, code, waits):
         return None
-    return context.failed_wait[1]()
+    try:
+        return context.failed_wait[1]()
+    except JobCancelled:  # cancelled or purged meanwhile: nothing is left to resume
+        return None
 
 
 def _failure(err: BaseException) -> Outcome:

@@ -379,6 +379,9 @@ class Worker:
             self._note_deleted(finished)
         if isinstance(result, execution.Verdict):
             client.release(job, priority=runner._job_priority(envelope.job), delay=PARK_SECONDS)
+            if leftovers.dropped(backends(), envelope.run):  # parked again after a purge
+                client.delete(job)
+                return CANCELLED
             if execution.ready(runner, envelope):
                 # NOT_FOUND: the straggler's own kick came first; the job is ready already.
                 with suppress(greenstalk.NotFoundError):

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pause_hook  # noqa: F401  (holds a re-park when its variable is set)
+
 from packmule import JobRef, Runner
 
 
@@ -147,3 +149,21 @@ class FlakyChain(Runner):
         if n == broken and not Path(fix).exists():
             raise ValueError(f"step {n} is broken")
         return self.enqueue("step", n - 1, broken) if n > 0 else "bottom"
+
+
+class LateAggregate(Runner):
+    """run() enqueues a job that fails for good, and defers on it only once the file
+    ``go`` exists: the run has failed (and may be purged or cancelled) by then."""
+
+    max_retries = 0
+
+    def run(self, go: str) -> Any:
+        jobs = [self.enqueue("boom")]
+        _wait_for(lambda: Path(go).exists(), "the test's go-ahead")
+        return self.deferred_result("total", jobs)
+
+    def boom(self) -> int:
+        raise ValueError("boom")
+
+    def total(self, values: list[int]) -> int:
+        return sum(values)

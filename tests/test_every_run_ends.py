@@ -20,6 +20,7 @@ from ending_runners import (
     FlakyChain,
     FlakyPlusOne,
     KeepsFailures,
+    LateAggregate,
     ReturnsASet,
 )
 from fault_runners import Flaky
@@ -159,6 +160,53 @@ def test_cancel_removes_the_runs_parked_aggregates(env: dict[str, str],
                                for state in ("ready", "reserved", "delayed", "buried")),
                timeout=20, what="the cancelled run to leave nothing in beanstalkd")
     assert Slow("parked").update_progress().state == "cancelled"
+
+
+def _jobs(env: dict[str, str]) -> dict[str, int]:
+    stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
+    return {state: stats.get(f"current-jobs-{state}", 0)
+            for state in ("ready", "reserved", "delayed", "buried")}
+
+
+@pytest.mark.timeout(60)
+def test_an_aggregate_parked_after_its_run_was_cancelled_removes_itself(
+        env: dict[str, str], workers: Workers, tmp_path: Path) -> None:
+    """The cancel deleted the run's parked jobs before its root job parked one."""
+    workers.start("ending_runners", 2)
+    go = tmp_path / "go"
+    LateAggregate("late").run_async(str(go))
+    wait_until(lambda: LateAggregate("late").update_progress().failed == 1, timeout=20,
+               what="the job to fail")
+    assert LateAggregate("late").cancel()
+    go.touch()
+    wait_until(lambda: _jobs(env)["reserved"] == 0, timeout=20, what="the root job to end")
+    assert _jobs(env) == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 1}
+
+
+@pytest.mark.timeout(60)
+def test_an_aggregate_parked_again_after_its_run_was_purged_removes_itself(
+        env: dict[str, str], workers: Workers, tmp_path: Path) -> None:
+    """The aggregate settles its dependency's failure (the run fails), and is held
+    before it parks again: the purge finds it reserved, not parked."""
+    held = tmp_path / "held"
+    held.mkdir()
+    env["PACKMULE_TEST_PAUSE_REPARK"] = str(held)
+    workers.start("ending_runners", 2)
+    (tmp_path / "go").touch()  # the root job defers at once
+    run = LateAggregate("purged").run_async(str(tmp_path / "go")).run
+    wait_until(lambda: (held / "paused").exists(), timeout=20,
+               what="the aggregate to settle the failure")
+    wait_until(lambda: LateAggregate("purged").update_progress().state == "failed", timeout=20,
+               what="the run to fail")
+    purged = _cli(env, "purge", "--run", run)
+    assert purged.returncode == 0, purged.stderr
+    (held / "go").touch()
+    wait_until(lambda: _jobs(env)["reserved"] == 0, timeout=20, what="the aggregate's job")
+    assert _jobs(env) == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 0}
+    # Nor did it run again, finding its description gone and recording a loss where the
+    # purge had removed everything.
+    keys = RunKeys(env["PACKMULE_NAMESPACE"], run)
+    assert backends().store.get_many([keys.job(n) for n in range(5)]) == {}
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
