@@ -71,17 +71,23 @@ class WakeUp:
         index = backends.queue.server_for(number)
         name, wake_tube = backends.queue.names[index], tube(self._scope.run, number)
         with naming(name, "connect"):
-            self._sock = sockets.connect(backends.settings.beanstalkd[index],
-                                         backends.settings.socket_timeout_seconds)
-        client = greenstalk.Client(self._sock, encoding=None)
-        with naming(name, "put"):
-            client.use(wake_tube)
-            job_id = client.put(_BODY, priority=0, delay=PARK_SECONDS, ttr=_TTR_SECONDS)
-            # Replies read by wait(); greenstalk's reader has nothing left buffered.
-            self._send(b"watch %b\r\nignore default\r\nreserve\r\n" % wake_tube.encode())
-        self._poller.register(self._sock, select.POLLIN)
-        self._parked = index, job_id
+            sock = sockets.connect(backends.settings.beanstalkd[index],
+                                   backends.settings.socket_timeout_seconds)
+        client = greenstalk.Client(sock, encoding=None)
+        try:
+            with naming(name, "put"):
+                client.use(wake_tube)
+                job_id = client.put(_BODY, priority=0, delay=PARK_SECONDS, ttr=_TTR_SECONDS)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._parked = sock, (index, job_id)
         leftovers.note_parked(backends, self._scope.run, number, self._parked)
+        self._poller.register(sock, select.POLLIN)
+        try:  # replies read by wait(); greenstalk's reader has nothing left buffered
+            self._send(b"watch %b\r\nignore default\r\nreserve\r\n" % wake_tube.encode())
+        except OSError:
+            self._broken = True  # the marker's checks wake the caller; stop() deletes the job
         return self._parked
 
     def wait(self, seconds: float) -> bool:
