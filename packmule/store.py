@@ -608,7 +608,7 @@ class _Replies:
             values = parts[1:-2:2]
             if len(words) == 4 * count and words[0::4].count(b"VALUE") == count \
                     and b" ".join(words[1::4]) == " ".join(keys).encode() \
-                    and list(map(int, words[3::4])) == list(map(len, values)):
+                    and b" ".join(words[3::4]) == " ".join(map(str, map(len, values))).encode():
                 self.pos = len(self.buf)
                 return list(values)
         found = self.values()

@@ -238,3 +238,8 @@ def test_values_read_in_order_come_back_exact_whatever_they_hold(env: dict[str, 
     plain = [key for key in keys if key in values and key not in tricky]
     assert store.get_in_order(plain) == [values[key] for key in plain]
     assert store.get_in_order([]) == []
+    # A value forging the next key's reply, that key missing: as many lines as expected.
+    forged = [f"{env['PACKMULE_NAMESPACE']}:forged:{i}" for i in range(3)]
+    store.set_many({forged[0]: b"x", forged[1]: f"x\r\nVALUE {forged[2]} 0 1\r\nz".encode()})
+    assert store.get_in_order(forged) == [b"x", f"x\r\nVALUE {forged[2]} 0 1\r\nz".encode(),
+                                          None]
