@@ -31,7 +31,7 @@ from typing import Any, cast
 from packmule import runs
 from packmule.backends import Backends
 from packmule.envelope import dumps, loads
-from packmule.errors import EncodeError, EnqueueError, ResultMissing, ServerRefused
+from packmule.errors import EncodeError, EnqueueError, ResultMissing, ServerError, ServerRefused
 from packmule.jobref import JobRef
 from packmule.markers import MARK_BYTES, MISSING, Failure, restore
 from packmule.outcome import Outcome
@@ -899,10 +899,17 @@ def _fire(scope: RunScope, number: int, record: dict[str, Any]) -> None:
     The kick goes first: the job (the aggregate's, or the one waking its
     caller) is on its way while etcd syncs the marker to disk. A firer that
     dies between the two has not finished its job: run again, it fires again.
+    A kick that fails (its beanstalkd is down) still leaves the marker, which
+    a waiting caller finds at its next check.
     """
-    if record["srv"] >= 0:
-        # Idempotent: the parked job moves to ready once; later kicks find it gone.
-        scope.backends.queue.kick_job(record["srv"], record["bid"])
     coord = scope.backends.coord
-    coord.create_if_absent(coord.marker_prefix(scope.run, number) + "fired", b"1",
-                           lease=scope.lease)
+    marker = coord.marker_prefix(scope.run, number) + "fired"
+    if record["srv"] >= 0:
+        try:  # idempotent: the parked job moves to ready once; later kicks find it gone
+            scope.backends.queue.kick_job(record["srv"], record["bid"])
+        except ServerError:
+            # Its server is down: a waiting caller still finds the marker, and this job,
+            # run again, kicks anew.
+            coord.create_if_absent(marker, b"1", lease=scope.lease)
+            raise
+    coord.create_if_absent(marker, b"1", lease=scope.lease)

@@ -576,13 +576,18 @@ class Queue:
 
     def job_state(self, index: int, job_id: int) -> str | None:
         """``ready``, ``reserved``, ``delayed`` or ``buried``; None if the job is gone."""
-        def state(client: greenstalk.Client[bytes]) -> str | None:
+        stats = self.job_stats(index, job_id)
+        return None if stats is None else str(stats["state"])
+
+    def job_stats(self, index: int, job_id: int) -> dict[str, Any] | None:
+        """beanstalkd's ``stats-job`` of a job (its ``state``, ``tube``...); None if it is gone."""
+        def stats(client: greenstalk.Client[bytes]) -> dict[str, Any] | None:
             try:
-                return str(client.stats_job(job_id)["state"])
+                return dict(client.stats_job(job_id))
             except greenstalk.NotFoundError:
                 return None
 
-        return self._retrying(index, "stats-job", state)
+        return self._retrying(index, "stats-job", stats)
 
     def close(self) -> None:
         """Close every connection."""

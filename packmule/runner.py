@@ -419,10 +419,10 @@ class Runner:
             ref, record = aggregate.register_aggregate(
                 context.scope, context.batches, deps, park=waker.park,
                 allow_failures=allow_failures, halt=self.halt_on_data_loss, method=method)
+            context.batches.release()  # exact progress while waiting
         except BaseException:
             waker.stop()
             raise
-        context.batches.release()  # exact progress while waiting
         return ref, record, waker
 
     def _check_refs(self, context: Context, jobs: Iterable[JobRef]) -> list[JobRef]:

@@ -555,16 +555,16 @@ class _Replies:
         """Whether the next ``count`` replies all say ``STORED`` (then they are read).
 
         A batch's adds are answered so as a rule: one comparison, not a
-        parse per reply. Every reply is 8 bytes or more, so waiting for
-        ``8 * count`` never waits for a reply that will not come.
+        parse per reply. More is read only while what came is the start of
+        those replies, so no reply that will not come is waited for.
         """
-        size = len(_STORED) * count
-        while len(self.buf) - self.pos < size and self.buf.startswith(
-                _STORED * ((len(self.buf) - self.pos) // len(_STORED)), self.pos):
+        expected = _STORED * count
+        while len(self.buf) - self.pos < len(expected) and expected.startswith(
+                self.buf[self.pos:]):
             self._more()
-        if not self.buf.startswith(_STORED * count, self.pos):
+        if not self.buf.startswith(expected, self.pos):
             return False
-        self.pos += size
+        self.pos += len(expected)
         return True
 
     def reply(self, ask: Ask) -> Reply:
@@ -599,8 +599,7 @@ class _Replies:
         found, a value with a line break) it is parsed value by value by
         :meth:`values`, which reads on if the end was not the real one.
         """
-        while not (self.buf.endswith(b"\r\nEND\r\n") or self.buf == b"END\r\n"):
-            self._more()
+        self._read_to_end()
         parts = self.buf.split(b"\r\n")
         count = len(keys)
         if len(parts) == 2 * count + 2:
@@ -613,6 +612,23 @@ class _Replies:
                 return list(values)
         found = self.values()
         return [found.get(key.encode()) for key in keys]
+
+    def _read_to_end(self) -> None:
+        """Read until the reply seems whole: it ends with ``END``, or its last line is an error.
+
+        The chunks are joined once (adding each to the buffer would copy it
+        again for every read). A value may end the same way: the caller
+        checks what it parses, and :meth:`values` reads on if need be.
+        """
+        chunks = [self.buf[self.pos:]]
+        tail, size = chunks[0][-_TAIL:], len(chunks[0])
+        while not _whole(tail, size):
+            data = self.sock.recv(65536)
+            if not data:
+                raise MemcacheUnexpectedCloseError()
+            chunks.append(data)
+            tail, size = (tail + data)[-_TAIL:], size + len(data)
+        self.buf, self.pos = b"".join(chunks), 0
 
     def values(self) -> dict[bytes, bytes]:
         """The values a ``get`` of one or more keys found, by key.
@@ -641,6 +657,21 @@ class _Replies:
 
 
 _STORED = b"STORED\r\n"
+_TAIL = 512  # bytes kept to see how a reply ends: more than memcached's error lines
+
+
+def _whole(tail: bytes, size: int) -> bool:
+    """Whether a multi-get reply of ``size`` bytes ending with ``tail`` seems whole (see
+    _Replies._read_to_end): ``END``, or a last line that is an error (memcached stops there)."""
+    if not tail.endswith(b"\r\n"):
+        return False
+    if tail.endswith(b"\r\nEND\r\n") or (size == 5 and tail == b"END\r\n"):
+        return True
+    _, newline, last = tail[:-2].rpartition(b"\r\n")
+    whole_line = bool(newline) or size == len(tail)  # the line starts inside ``tail``
+    return whole_line and last.startswith((b"SERVER_ERROR", b"CLIENT_ERROR", b"ERROR"))
+
+
 _VALUE = re.compile(rb"VALUE (\S+) \d+ (\d+)(?: \d+)?\r\n")
 
 

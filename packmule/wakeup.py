@@ -54,6 +54,7 @@ class WakeUp:
     def __init__(self, scope: RunScope) -> None:
         self._scope = scope
         self._parked = (-1, 0)
+        self._tube = ""
         self._sock: sockets.TimedSocket | None = None
         self._replies = b""  # what beanstalkd answered so far (a few short lines)
         self._broken = False  # the connection failed: wait() only sleeps
@@ -63,31 +64,38 @@ class WakeUp:
     def park(self, number: int, _batch: str = "") -> tuple[int, int]:
         """Park the wake-up job of aggregate ``number`` and ask for it: ``(server index, job id)``.
 
-        Raises:
-            QueueUnavailable: the server is unreachable (naming it).
-            ServerRefused: the server refused the job.
+        ``(-1, 0)`` if its server cannot take it (unreachable, refusing): the
+        caller is then woken by the marker alone, as the wake-up only makes
+        it faster.
         """
         backends = self._scope.backends
         index = backends.queue.server_for(number)
         name, wake_tube = backends.queue.names[index], tube(self._scope.run, number)
-        with naming(name, "connect"):
-            sock = sockets.connect(backends.settings.beanstalkd[index],
-                                   backends.settings.socket_timeout_seconds)
+        try:
+            with naming(name, "connect"):
+                sock = sockets.connect(backends.settings.beanstalkd[index],
+                                       backends.settings.socket_timeout_seconds)
+        except ServerError as err:
+            log.warning("no wake-up job for aggregate %s of run %s: %s", number, self._scope.run,
+                        err)
+            return self._parked
         client = greenstalk.Client(sock, encoding=None)
         try:
             with naming(name, "put"):
                 client.use(wake_tube)
                 job_id = client.put(_BODY, priority=0, delay=PARK_SECONDS, ttr=_TTR_SECONDS)
-        except BaseException:
+        except ServerError as err:
             sock.close()
-            raise
-        self._sock, self._parked = sock, (index, job_id)
-        leftovers.note_parked(backends, self._scope.run, number, self._parked)
+            log.warning("no wake-up job for aggregate %s of run %s: %s", number, self._scope.run,
+                        err)
+            return self._parked
+        self._sock, self._parked, self._tube = sock, (index, job_id), wake_tube
         self._poller.register(sock, select.POLLIN)
         try:  # replies read by wait(); greenstalk's reader has nothing left buffered
             self._send(b"watch %b\r\nignore default\r\nreserve\r\n" % wake_tube.encode())
         except OSError:
             self._broken = True  # the marker's checks wake the caller; stop() deletes the job
+        leftovers.note_parked(backends, self._scope.run, number, self._parked)
         return self._parked
 
     def wait(self, seconds: float) -> bool:
@@ -109,9 +117,7 @@ class WakeUp:
         if self._sock is None:
             return
         try:
-            if not self.woken and self._broken:
-                self._delete_elsewhere()
-            elif not self.woken and self._kicked_or_taken():
+            if not self.woken and not self._broken and self._kicked_or_taken():
                 self.wait(1.0)
             deadline = time.monotonic() + 1.0
             while self.woken and not self._answered(b"DELETED", b"NOT_FOUND") and \
@@ -119,6 +125,8 @@ class WakeUp:
                 pass  # its delete's reply: then the tube is gone
         finally:
             self._sock.close()
+            if not self._answered(b"DELETED", b"NOT_FOUND"):  # (connection broken, server slow)
+                self._delete_elsewhere()
 
     @property
     def parked(self) -> bool:
@@ -147,9 +155,23 @@ class WakeUp:
         self._sock.sendall(data)
 
     def _delete_elsewhere(self) -> None:
-        """Delete the job on the pool's connection (ours broke): it may be there still."""
+        """Delete the job on the pool's connection, if it is still there, and ours.
+
+        Its id is checked to be on our tube: a server restarted without its
+        binlog numbers its jobs from 1 again. A job still reserved by our
+        closed connection goes back to ready as beanstalkd sees it close.
+        """
+        queue, (index, job_id) = self._scope.backends.queue, self._parked
+        deadline = time.monotonic() + 1.0
         with suppress(ServerError):
-            self._scope.backends.queue.delete(*self._parked)
+            while (stats := queue.job_stats(index, job_id)) is not None \
+                    and stats.get("tube") == self._tube:
+                if stats.get("state") != "reserved":
+                    queue.delete(index, job_id)
+                    return
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.005)
 
     def _kicked_or_taken(self) -> bool:
         """Kick the job; whether the pending reserve has it now or takes it at once."""

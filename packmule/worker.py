@@ -380,7 +380,8 @@ class Worker:
         if isinstance(result, execution.Verdict):
             client.release(job, priority=runner._job_priority(envelope.job), delay=PARK_SECONDS)
             if leftovers.dropped(backends(), envelope.run):  # parked again after a purge
-                client.delete(job)
+                with suppress(greenstalk.NotFoundError):  # (the purge deleted it meanwhile)
+                    client.delete(job)
                 return CANCELLED
             if execution.ready(runner, envelope):
                 # NOT_FOUND: the straggler's own kick came first; the job is ready already.

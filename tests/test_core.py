@@ -243,3 +243,16 @@ def test_values_read_in_order_come_back_exact_whatever_they_hold(env: dict[str, 
     store.set_many({forged[0]: b"x", forged[1]: f"x\r\nVALUE {forged[2]} 0 1\r\nz".encode()})
     assert store.get_in_order(forged) == [b"x", f"x\r\nVALUE {forged[2]} 0 1\r\nz".encode(),
                                           None]
+
+
+def test_values_read_in_order_span_reads_and_a_refused_get_is_said_at_once(
+        env: dict[str, str]) -> None:
+    """Values far larger than one read come back whole; a get memcached refuses (a key
+    over its 250 bytes) raises its words at once, and the connection stays in step."""
+    store = backends().store
+    big = {f"{env['PACKMULE_NAMESPACE']}:big:{i}": b"%d" % i * 20_000 for i in range(200)}
+    store.set_many(big)
+    assert store.get_in_order(list(big)) == list(big.values())
+    with pytest.raises(packmule.ServerRefused, match="bad command line format"):
+        store.get_in_order(["x" * 300, *big])
+    assert store.get_in_order(list(big)[:2]) == list(big.values())[:2]
