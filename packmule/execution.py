@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from packmule import aggregate, runs, signing
-from packmule.aggregate import Batches, RunScope
+from packmule.aggregate import RunScope
 from packmule.backends import backends
 from packmule.envelope import Envelope, decode
 from packmule.errors import DecodeError, EncodeError, ResultMissing, ServerRefused
@@ -94,8 +94,7 @@ def prepare(envelope: Envelope, allowed: frozenset[str], *, keep_alive: bool = T
     scope = kind.scope
     if keep_alive:
         runs.keep_alive(scope.backends, envelope.run, envelope.lease)  # the run is active
-    runner._context = Context(scope, Batches(scope, str(envelope.job), replayable=True), envelope.job,
-                              envelope.batch)
+    runner._context = Context(scope, None, envelope.job, envelope.batch)
     return runner
 
 

@@ -61,7 +61,8 @@ class Context:
     """Where enqueues happen: a caller's run (``job`` None) or one job's execution."""
 
     scope: RunScope
-    batches: Batches
+    # A job's are made at its first enqueue, if any (most jobs make none): see batches.
+    made_batches: Batches | None
     job: int | None = None
     batch: str = ""
     # The last job template built, by (batch, method, tube): a loop of single
@@ -81,6 +82,13 @@ class Context:
     # carries it: formatting a float costs more than the rest of a body.
     stamp_ms: int = -1
     stamped: bytes = b""
+
+    @property
+    def batches(self) -> Batches:
+        """The batches this context enqueues in (a job's replay its calls, see Batches)."""
+        if self.made_batches is None:
+            self.made_batches = Batches(self.scope, str(self.job), replayable=True)
+        return self.made_batches
 
 
 class Runner:
