@@ -41,7 +41,7 @@ class Ran(Protocol):
     def job(self) -> greenstalk.Job[bytes]: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class _Watched:
     client: greenstalk.Client[bytes]
     job: greenstalk.Job[bytes]

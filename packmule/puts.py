@@ -74,18 +74,20 @@ def settle(context: Context, *, wait: bool = True) -> None:
         The first refusal or outage a reply said (ServerRefused,
         QueueUnavailable, JobTooBig), naming the job and its method.
     """
-    if not context.sent:
+    pending = context.sent
+    if not pending:
         return
     if wait:
         context.scope.backends.queue.catch_up()
     first: tuple[int, str, Exception] | None = None
-    pending = context.sent
     while pending and pending[0][3].read:  # in the order sent (read so, per server)
         batch, number, method, sent = pending.popleft()
         if sent.error is None:  # stored (a job not stored always has an error)
             continue
         if sent.job_id is None:
             uncount(context, batch, 1)
+            if context.unput is None:
+                context.unput = {}
             context.unput[number] = f"{type(sent.error).__name__}: {sent.error}"
         if first is None:
             first = number, method, sent.error

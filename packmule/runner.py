@@ -17,7 +17,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import CodeType
 from typing import Any, ClassVar
 
@@ -72,9 +72,10 @@ class Context:
     # the workers (see packmule.resume): the JobRef the run's root can chain to.
     failed_wait: tuple[BaseException, Callable[[], JobRef]] | None = None
     # Single enqueues of a caller, put without waiting for beanstalkd's reply
-    # (batch, job, method, reply), and jobs found not put: see _settle.
-    sent: deque[tuple[str, int, str, Sent]] = field(default_factory=deque)
-    unput: dict[int, str] = field(default_factory=dict)
+    # (batch, job, method, reply), and jobs found not put: see _settle. Made when
+    # first needed (a caller's): a job's context is made per job, and never has them.
+    sent: deque[tuple[str, int, str, Sent]] | None = None
+    unput: dict[int, str] | None = None
     # The method of the last single enqueue: checked (see Runner.enqueue). A loop of
     # enqueues names it with the same str object every time: `is` recognizes it.
     single_method: str | None = None
@@ -287,7 +288,9 @@ class Runner:
         give the tube and time-to-run (those it began with, as its queue).
         """
         sent = context.sent
-        if sent and sent[0][3].read:  # replies read since the last call: settle them
+        if sent is None:
+            sent = context.sent = deque()
+        elif sent and sent[0][3].read:  # replies read since the last call: settle them
             puts.settle(context, wait=False)
         number, batch = context.batches.reserve(1)
         scope = context.scope
@@ -439,7 +442,7 @@ class Runner:
             if not isinstance(ref, JobRef) or ref.run != context.scope.run:
                 raise EnqueueError(f"deferred_result: jobs[{index}] = {ref!r} is not a JobRef "
                                    f"of this run ({context.scope.run})")
-            if ref.number in context.unput:
+            if context.unput and ref.number in context.unput:
                 raise EnqueueError(f"deferred_result: jobs[{index}] = {ref!r} was never put: "
                                    f"{context.unput[ref.number]}")
         return deps
