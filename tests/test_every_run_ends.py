@@ -144,28 +144,23 @@ def test_a_kick_resumes_a_failed_blocking_run(env: dict[str, str], workers: Work
         FlakyPlusOne("plus-one").get_return_value()
 
 
+def _jobs(env: dict[str, str]) -> dict[str, int]:
+    stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
+    return {state: stats.get(f"current-jobs-{state}", 0)
+            for state in ("ready", "reserved", "delayed", "buried")}
+
+
 def test_cancel_removes_the_runs_parked_aggregates(env: dict[str, str],
                                                    workers: Workers) -> None:
     workers.start("runners", 2)
     runner = Slow("parked")
     runner.run_async(40, 0.1)
-
-    def tube() -> dict[str, int]:
-        return backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
-
-    wait_until(lambda: tube().get("current-jobs-delayed", 0) == 1, timeout=20,
+    wait_until(lambda: _jobs(env)["delayed"] == 1, timeout=20,
                what="the run's aggregate to be parked")
     runner.cancel()
-    wait_until(lambda: not any(tube().get(f"current-jobs-{state}", 0)
-                               for state in ("ready", "reserved", "delayed", "buried")),
-               timeout=20, what="the cancelled run to leave nothing in beanstalkd")
+    wait_until(lambda: not any(_jobs(env).values()), timeout=20,
+               what="the cancelled run to leave nothing in beanstalkd")
     assert Slow("parked").update_progress().state == "cancelled"
-
-
-def _jobs(env: dict[str, str]) -> dict[str, int]:
-    stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
-    return {state: stats.get(f"current-jobs-{state}", 0)
-            for state in ("ready", "reserved", "delayed", "buried")}
 
 
 @pytest.mark.timeout(60)
@@ -224,14 +219,9 @@ def test_kick_and_purge_act_on_one_runs_leftovers(env: dict[str, str], workers: 
         wait_until(lambda n=name: Flaky(n).update_progress().state == "failed", timeout=20,
                    what=f"run {name} to fail")
 
-    def tube() -> dict[str, int]:
-        stats = backends().queue.tube_stats(0, env["PACKMULE_TUBE"])
-        return {state: stats.get(f"current-jobs-{state}", 0)
-                for state in ("ready", "reserved", "delayed", "buried")}
-
     # Each failed run keeps its buried job and its parked aggregate, for a kick (the
     # aggregate, kicked by the failure, may still be on its way back to parked).
-    wait_until(lambda: tube() == {"ready": 0, "reserved": 0, "delayed": 2, "buried": 2},
+    wait_until(lambda: _jobs(env) == {"ready": 0, "reserved": 0, "delayed": 2, "buried": 2},
                timeout=20, what="both runs' buried job and parked aggregate")
     fix.touch()
     assert f"run {kept}: kicked 1 buried job(s)" in _cli(env, "kick", "--run", kept).stdout
@@ -242,7 +232,7 @@ def test_kick_and_purge_act_on_one_runs_leftovers(env: dict[str, str], workers: 
 
     purged = _cli(env, "purge", "--run", dropped)
     assert f"run {dropped} (failed): removed 1 parked and 1 buried job(s)" in purged.stdout
-    assert tube() == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 0}
+    assert _jobs(env) == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 0}
     unknown = _cli(env, "purge", "--run", "nosuchrun")
     assert unknown.returncode != 0 and "unknown run 'nosuchrun'" in unknown.stderr
 
