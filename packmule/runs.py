@@ -343,7 +343,7 @@ def is_cancelled(backends: Backends, run: str) -> bool:
     cached = _cancel_cache.get(run)
     if cached and now - cached[0] < backends.settings.cancel_check_seconds:
         return cached[1]
-    flag = backends.store.get(RunKeys(backends.settings.namespace, run).cancelled) is not None
+    flag = leftovers.dropped(backends, run)
     if len(_cancel_cache) > 10_000:
         _cancel_cache.clear()
     _cancel_cache[run] = (now, flag)
