@@ -33,6 +33,8 @@ from packmule.errors import ServerRefused, StoreUnavailable
 from packmule.sockets import KernelTimedSockets
 
 T = TypeVar("T")
+# Keys in one command of many (a get, a delete): its line stays near 150 KB.
+KEYS_PER_COMMAND = 5000
 # What memcached 1.6 adds to key and value to size an item against its item
 # size (-I): a 48-byte header, the key's terminator, the value's CRLF, the
 # 8-byte CAS and 4 bytes of flags (59 measured without flags); plus room for
@@ -423,16 +425,16 @@ class Store:
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove ``keys`` (absent ones are fine), pipelined: one write per server and chunk."""
         for index, group in self._by_server(keys).items():
-            for start in range(0, len(group), 5000):
-                chunk = group[start:start + 5000]
+            for start in range(0, len(group), KEYS_PER_COMMAND):
+                chunk = group[start:start + KEYS_PER_COMMAND]
                 self._call(index, "delete", lambda c, k=chunk: c.delete_many(k, noreply=False))  # type: ignore[misc]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """Values of the present ``keys``: one round trip per server holding some."""
         found: dict[str, bytes] = {}
         for index, group in self._by_server(keys).items():
-            for start in range(0, len(group), 5000):
-                found.update(self.get_at(index, group[start:start + 5000]))
+            for start in range(0, len(group), KEYS_PER_COMMAND):
+                found.update(self.get_at(index, group[start:start + KEYS_PER_COMMAND]))
         return found
 
     def get_in_order(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -446,8 +448,8 @@ class Store:
             found = self.get_many(keys)
             return [found.get(key) for key in keys]
         values: list[bytes | None] = []
-        for start in range(0, len(keys), 5000):
-            chunk = keys[start:start + 5000]
+        for start in range(0, len(keys), KEYS_PER_COMMAND):
+            chunk = keys[start:start + KEYS_PER_COMMAND]
             values += self._call(0, "get", partial(_read_in_order, keys=chunk))
         return values
 
